@@ -210,7 +210,7 @@ def _m2rnn_bwd_kernel(
             _store_or_add(p_dq + t * HQ * K, b_dq, m_k, Q_ATOMIC)
             _store_or_add(p_dk + t * HK * K, b_dk, m_k, K_ATOMIC)
             _store_or_add(p_dv + t * HV * V, b_dv, o_v < V, V_ATOMIC)
-            _store_or_add(p_df + t * HF, b_df, True, F_ATOMIC)
+            _store_or_add(p_df + t * HF, b_df, None, F_ATOMIC)
         tl.debug_barrier()  # the next chunk overwrites the scratch these threads just read
     tl.store(DH0 + o_state, b_g, mask=m_kv)
     tl.store(DW + ((i_bh * NB + i_k) * V + o_v[:, None]) * V + o_v[None, :], b_dw)
@@ -237,6 +237,11 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _empty(*shape, device, dtype):
+    """Every buffer the kernels must fill completely; tests replace this to poison them with NaN."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
 def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk):
     B, S, _, K = q.shape
     V = v.shape[-1]
@@ -246,9 +251,9 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk):
     BK, fast, precision = _launch_config(K, q.dtype)
     NB = triton.cdiv(K, BK)
     Wc = W.float().contiguous()
-    y = (torch.zeros if NB > 1 else torch.empty)(B, S, H, V, device=q.device, dtype=torch.float32)
-    h_last = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    ckpt = torch.empty(B, H, NC, K, V, device=q.device, dtype=torch.float32)
+    y = (torch.zeros if NB > 1 else _empty)(B, S, H, V, device=q.device, dtype=torch.float32)
+    h_last = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
+    ckpt = _empty(B, H, NC, K, V, device=q.device, dtype=torch.float32)
     h0c = h0.float().contiguous() if h0 is not None else h_last  # dummy pointer when absent
     _m2rnn_fwd_kernel[(B * H, NB)](
         q, k, v, Wc, f, h0c, y, h_last, ckpt,
@@ -274,9 +279,9 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk):
     dk = torch.zeros(B, S, n["k"], K, device=dev, dtype=f32)
     dv = torch.zeros(B, S, n["v"], V, device=dev, dtype=f32)
     df = torch.zeros(B, S, n["f"], device=dev, dtype=f32)
-    dw = torch.empty(B, H, NB, V, V, device=dev, dtype=f32)
-    dh0 = torch.empty(B, H, K, V, device=dev, dtype=f32)
-    scratch = torch.empty(B * H * NB, C, 2, K, V, device=dev, dtype=f32)
+    dw = _empty(B, H, NB, V, V, device=dev, dtype=f32)
+    dh0 = _empty(B, H, K, V, device=dev, dtype=f32)
+    scratch = _empty(B * H * NB, C, 2, K, V, device=dev, dtype=f32)
     dy = dy.contiguous()
     dht = dh_last.float().contiguous() if dh_last is not None else dh0  # dummy when absent
     _m2rnn_bwd_kernel[(B * H, NB)](

@@ -1,0 +1,255 @@
+"""
+Tests of m2rnn_kernel.py: the reference against hand-computed values and against the
+backward equations of the spec (§3), and the Triton kernel against a float64 reference.
+
+    python -m pytest -q test_kernel.py
+
+Without a GPU the kernel runs on CPU tensors through Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1), so those shapes are small. The tests marked `gpu` run on CUDA only.
+"""
+import math
+
+import pytest
+import torch
+
+import m2rnn_kernel
+from m2rnn_kernel import m2rnn, m2rnn_reference, m2rnn_step
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_err(x, ref):
+    """‖x − ref‖ / ‖ref‖ in float64; NaN anywhere gives NaN, which fails every `<=`."""
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, S, K, V, heads, dtype, h0=True, device=DEVICE, seed=None):
+    """Fresh random inputs. heads = (Hq, Hk, Hv, Hf, Hw). W near the identity (its init)."""
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    Hq, Hk, Hv, Hf, Hw = heads
+    H = max(heads)
+    r = lambda *s: torch.randn(*s, generator=g)
+    q = r(B, S, Hq, K) / math.sqrt(K)
+    k = r(B, S, Hk, K) / math.sqrt(K)
+    v = r(B, S, Hv, V)
+    W = torch.eye(V) + 0.5 * r(Hw, V, V) / math.sqrt(V)
+    f = torch.rand(B, S, Hf, generator=g) * 0.9 + 0.05
+    h = 0.5 * r(B, H, K, V) if h0 else None
+    cast = lambda x: x.to(device=device, dtype=dtype)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # W, f and h0 stay fp32
+    keep = lambda x: x.to(device=device, dtype=state_dtype)
+    return cast(q), cast(k), cast(v), keep(W), keep(f), (keep(h) if h0 else None)
+
+
+def run_both(inputs, grad_clip, chunk, seed=0):
+    """Kernel and float64 reference on the same inputs and output gradients: (outputs, grads) each."""
+    q, k, v, W, f, h0 = inputs
+    leaves = [x for x in (q, k, v, W, f, h0) if x is not None]
+    kern = [x.detach().clone().requires_grad_() for x in leaves]
+    ref = [x.detach().double().requires_grad_() for x in leaves]
+    pad = lambda xs: xs + [None] * (6 - len(xs))
+    y, h = m2rnn(*pad(kern), grad_clip=grad_clip, impl="triton", chunk=chunk)
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g).to(y.device)
+    dh = torch.randn(h.shape, generator=g).to(h.device)
+    grads = torch.autograd.grad((y.float() * dy).sum() + (h * dh).sum(), kern)
+    y_ref, h_ref = m2rnn_reference(*pad(ref), grad_clip=grad_clip)
+    grads_ref = torch.autograd.grad((y_ref * dy.double()).sum() + (h_ref * dh.double()).sum(), ref)
+    return [y, h, *grads], [y_ref, h_ref, *grads_ref]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernel must write starts as NaN, so an element it skips fails the test."""
+    monkeypatch.setattr(m2rnn_kernel, "_empty",
+                        lambda *s, device, dtype: torch.full(s, float("nan"), device=device, dtype=dtype))
+
+
+# -----------------------------------------------------------------------------
+# the reference
+
+
+def test_reference_hand_checked():
+    """K = V = 1, two steps, computed with math.tanh by hand."""
+    q = torch.tensor([0.5, -1.0]).view(1, 2, 1, 1)
+    k = torch.tensor([1.0, 2.0]).view(1, 2, 1, 1)
+    v = torch.tensor([0.3, -0.4]).view(1, 2, 1, 1)
+    W = torch.tensor([[[0.7]]])
+    f = torch.tensor([0.2, 0.6]).view(1, 2, 1)
+    h1 = 0.2 * 0.0 + 0.8 * math.tanh(0.0 * 0.7 + 1.0 * 0.3)
+    h2 = 0.6 * h1 + 0.4 * math.tanh(h1 * 0.7 + 2.0 * -0.4)
+    y, h = m2rnn_reference(q, k, v, W, f)
+    assert y.flatten().tolist() == pytest.approx([0.5 * h1, -1.0 * h2], rel=1e-6)
+    assert h.item() == pytest.approx(h2, rel=1e-6)
+
+
+def spec_backward(q, k, v, W, f, h0, dy, dh_last, clip):
+    """Spec §3 written out literally (one batch element, heads all distinct, float64)."""
+    S, H, K = q.shape
+    states, zs = [h0], []
+    for t in range(S):  # forward, keeping every state
+        z = torch.tanh(states[-1] @ W + k[t, :, :, None] * v[t, :, None, :])
+        zs.append(z)
+        states.append(f[t, :, None, None] * states[-1] + (1 - f[t, :, None, None]) * z)
+    G = dh_last.clone()
+    dq, dk, dv, df, dW = (torch.zeros_like(x) for x in (q, k, v, f, W))
+    for t in reversed(range(S)):
+        G = G + q[t, :, :, None] * dy[t, :, None, :]
+        if clip is not None:
+            G = G.clamp(-clip, clip)
+        ft = f[t, :, None, None]
+        dq[t] = (states[t + 1] @ dy[t, :, :, None])[..., 0]
+        df[t] = (G * (states[t] - zs[t])).sum((1, 2))
+        dA = (1 - ft) * G * (1 - zs[t] ** 2)
+        dW += states[t].transpose(1, 2) @ dA
+        dk[t] = (dA @ v[t, :, :, None])[..., 0]
+        dv[t] = (dA.transpose(1, 2) @ k[t, :, :, None])[..., 0]
+        G = ft * G + dA @ W.transpose(1, 2)
+    return dq, dk, dv, dW, df, G
+
+
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["noclip", "clip0.05"])
+def test_reference_gradients_follow_spec_equations(clip):
+    """Autograd through the reference (with its clip hook) equals the spec's backward."""
+    S, H, K, V = 6, 2, 3, 4
+    q, k, v, W, f, h0 = make_inputs(1, S, K, V, (H,) * 5, torch.float64, device="cpu")
+    leaves = [x.requires_grad_() for x in (q, k, v, W, f, h0)]
+    dy, dh = torch.randn(1, S, H, V, dtype=torch.float64), torch.randn(1, H, K, V, dtype=torch.float64)
+    y, h = m2rnn_reference(*leaves, grad_clip=clip)
+    grads = torch.autograd.grad((y * dy).sum() + (h * dh).sum(), leaves)
+    expect = spec_backward(q[0], k[0], v[0], W, f[0], h0[0], dy[0], dh[0], clip)
+    for got, want in zip(grads, expect):
+        assert rel_err(got.squeeze(0), want) < 1e-12
+    if clip is not None:  # the clip must actually have acted for this test to mean anything
+        y, h = m2rnn_reference(*leaves)
+        unclipped = torch.autograd.grad((y * dy).sum() + (h * dh).sum(), leaves[1])[0]
+        assert rel_err(unclipped, grads[1]) > 1e-3
+
+
+def test_step_matches_sequence():
+    q, k, v, W, f, h0 = make_inputs(2, 5, 8, 16, (1, 1, 4, 4, 4), torch.float32, device="cpu")
+    y, h_last = m2rnn_reference(q, k, v, W, f, h0)
+    h = h0
+    for t in range(5):
+        y_t, h = m2rnn_step(q[:, t], k[:, t], v[:, t], W, f[:, t], h)
+        assert rel_err(y_t, y[:, t]) < 1e-6
+    assert rel_err(h, h_last) < 1e-6
+
+
+def test_bad_shapes_give_clear_errors():
+    q, k, v, W, f, _ = make_inputs(1, 4, 8, 16, (1, 1, 6, 6, 6), torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="must divide"):
+        m2rnn(q, k, v, W[:4], f)  # Hw = 4 does not divide H = 6
+    with pytest.raises(ValueError, match="sequence"):
+        m2rnn(q[:, :3], k, v, W, f)
+    with pytest.raises(ValueError, match="h0 must be"):
+        m2rnn(q, k, v, W, f, h0=torch.zeros(1, 6, 8, 8))
+    with pytest.raises(ValueError, match="impl"):
+        m2rnn(q, k, v, W, f, impl="cuda")
+
+
+# -----------------------------------------------------------------------------
+# the Triton kernel against the float64 reference (interpreter on CPU, real kernel on GPU)
+
+CASES = {  # id: (B, S, K, V, (Hq, Hk, Hv, Hf, Hw), h0, grad_clip, chunk)
+    "B2-S7-K16-V16-H2-C4": (2, 7, 16, 16, (2, 2, 2, 2, 2), False, None, 4),
+    "S1-h0": (1, 1, 16, 16, (1, 1, 1, 1, 1), True, None, 4),
+    "shared-qk-H4-h0-clip": (2, 9, 16, 16, (1, 1, 4, 4, 4), True, 0.02, 4),
+    "shared-all-groups": (1, 6, 16, 16, (1, 2, 4, 2, 1), True, 0.5, 4),
+    "K24-ragged-rows": (1, 5, 24, 16, (1, 1, 2, 2, 2), True, None, 2),
+    "K128-two-row-blocks-clip": (1, 5, 128, 16, (1, 1, 2, 2, 2), True, 0.05, 4),
+    "V32-S10-C3": (1, 10, 16, 32, (1, 1, 2, 2, 2), True, None, 3),
+    "V64": (1, 3, 16, 64, (1, 1, 1, 1, 1), True, None, 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_kernel_matches_reference(case, dtype, poisoned):
+    B, S, K, V, heads, h0, clip, chunk = CASES[case]
+    outs, refs = run_both(make_inputs(B, S, K, V, heads, dtype, h0=h0), clip, chunk)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    names = ["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"]
+    for name, out, ref in zip(names, outs, refs):
+        assert out.shape == ref.shape, name
+        assert rel_err(out, ref) <= tol, f"{name}: relative error {rel_err(out, ref):.2e} > {tol}"
+    assert outs[0].dtype == dtype and outs[1].dtype == torch.float32
+
+
+def test_kernel_non_contiguous_inputs(poisoned):
+    """q, k, v as slices of one projection, f as a strided view: the kernel reads strides."""
+    B, S, K, V, H = 2, 6, 16, 16, 2
+    proj = torch.randn(B, S, 2 * K + H * V + 3 * H, device=DEVICE) / math.sqrt(K)
+    q = proj[..., :K].view(B, S, 1, K)
+    k = proj[..., K:2 * K].view(B, S, 1, K)
+    v = proj[..., 2 * K:2 * K + H * V].view(B, S, H, V)
+    f = torch.sigmoid(proj)[..., -3 * H:][..., ::3]  # (B,S,H) with stride 3 in the last dim
+    assert not (q.is_contiguous() or v.is_contiguous() or f.is_contiguous())
+    W = torch.eye(V, device=DEVICE).repeat(H, 1, 1)
+    outs, refs = run_both((q, k, v, W, f, None), 0.5, 4)
+    for out, ref in zip(outs, refs):
+        assert rel_err(out, ref) <= 1e-4
+
+
+def test_kernel_without_state_gradient():
+    """Only y used: the last state's gradient is None inside the op, not an error."""
+    q, k, v, W, f, h0 = make_inputs(1, 5, 16, 16, (1, 1, 2, 2, 2), torch.float32)
+    leaves = [x.requires_grad_() for x in (q, k, v, W, f)]
+    y, _ = m2rnn(*leaves, impl="triton", chunk=2)
+    g = torch.autograd.grad(y.sum(), leaves)
+    ref = [x.detach().double().requires_grad_() for x in leaves]
+    g_ref = torch.autograd.grad(m2rnn_reference(*ref)[0].sum(), ref)
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) <= 1e-4
+
+
+def test_kernel_under_torch_compile_fullgraph():
+    """The op traces with no graph break, forward and backward (aot_eager keeps it quick on CPU)."""
+    q, k, v, W, f, h0 = make_inputs(1, 5, 16, 16, (1, 1, 2, 2, 2), torch.float32)
+    leaves = [x.requires_grad_() for x in (q, k, v, W, f, h0)]
+
+    def loss_fn(q, k, v, W, f, h0):
+        y, h = m2rnn(q, k, v, W, f, h0, grad_clip=0.5, impl="triton", chunk=2)
+        return y.square().sum() + h.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    g_compiled = torch.autograd.grad(compiled(*leaves), leaves)
+    g_eager = torch.autograd.grad(loss_fn(*leaves), leaves)
+    for a, b in zip(g_compiled, g_eager):
+        assert rel_err(a, b) <= 1e-6
+
+
+# -----------------------------------------------------------------------------
+# GPU only: the paper's shape, long sequences
+
+
+@gpu
+def test_gpu_long_sequence_float64_reference():
+    """S = 4096 at the paper's head shape (K=64, V=16, Hq=Hk=1, 84 heads), bf16 and fp32."""
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        inputs = make_inputs(1, 4096, 64, 16, (1, 1, 84, 84, 84), dtype, h0=True)
+        outs, refs = run_both(inputs, 1.0, 64)
+        for name, out, ref in zip(["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"], outs, refs):
+            assert rel_err(out, ref) <= tol, f"{dtype} {name}: {rel_err(out, ref):.2e}"
+
+
+@gpu
+def test_gpu_paper_shape_memory_and_forward():
+    """B=8, S=4096, H=84, K=64, V=16, bf16: peak extra memory of forward+backward ≤ 1 GiB,
+    and the forward agrees with an fp32 reference forward."""
+    q, k, v, W, f, _ = make_inputs(8, 4096, 64, 16, (1, 1, 84, 84, 84), torch.bfloat16, h0=False)
+    leaves = [x.requires_grad_() for x in (q, k, v, W, f)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y, h = m2rnn(*leaves, grad_clip=1.0)
+    (y.float().square().mean() + h.mean()).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 2**30, f"peak extra memory {extra / 2**30:.2f} GiB"
+    with torch.no_grad():
+        y_ref, h_ref = m2rnn_reference(*(x.detach() for x in leaves))
+    assert rel_err(y, y_ref) <= 2e-2 and rel_err(h, h_ref) <= 2e-2
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
