@@ -25,8 +25,10 @@ def rel_err(x, ref):
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def make_inputs(B, S, K, V, heads, dtype, h0=True, device=DEVICE, seed=None):
-    """Fresh random inputs. heads = (Hq, Hk, Hv, Hf, Hw). W near the identity (its init)."""
+def make_inputs(B, S, K, V, heads, dtype, h0=True, device=DEVICE, seed=None, w_noise=0.5):
+    """Fresh random inputs. heads = (Hq, Hk, Hv, Hf, Hw). W near the identity (its init): with
+    much larger W the recurrence turns chaotic over thousands of steps, and then even a float32
+    reference loses all agreement with float64 (seen: 18% at S=4096 with w_noise=0.5)."""
     g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
     Hq, Hk, Hv, Hf, Hw = heads
     H = max(heads)
@@ -34,7 +36,7 @@ def make_inputs(B, S, K, V, heads, dtype, h0=True, device=DEVICE, seed=None):
     q = r(B, S, Hq, K) / math.sqrt(K)
     k = r(B, S, Hk, K) / math.sqrt(K)
     v = r(B, S, Hv, V)
-    W = torch.eye(V) + 0.5 * r(Hw, V, V) / math.sqrt(V)
+    W = torch.eye(V) + w_noise * r(Hw, V, V) / math.sqrt(V)
     f = torch.rand(B, S, Hf, generator=g) * 0.9 + 0.05
     h = 0.5 * r(B, H, K, V) if h0 else None
     cast = lambda x: x.to(device=device, dtype=dtype)
@@ -229,7 +231,7 @@ def test_kernel_under_torch_compile_fullgraph():
 def test_gpu_long_sequence_float64_reference():
     """S = 4096 at the paper's head shape (K=64, V=16, Hq=Hk=1, 84 heads), bf16 and fp32."""
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-        inputs = make_inputs(1, 4096, 64, 16, (1, 1, 84, 84, 84), dtype, h0=True)
+        inputs = make_inputs(1, 4096, 64, 16, (1, 1, 84, 84, 84), dtype, h0=True, w_noise=0.1)
         outs, refs = run_both(inputs, 1.0, 64)
         for name, out, ref in zip(["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"], outs, refs):
             assert rel_err(out, ref) <= tol, f"{dtype} {name}: {rel_err(out, ref):.2e}"
@@ -239,15 +241,19 @@ def test_gpu_long_sequence_float64_reference():
 def test_gpu_paper_shape_memory_and_forward():
     """B=8, S=4096, H=84, K=64, V=16, bf16: peak extra memory of forward+backward ≤ 1 GiB,
     and the forward agrees with an fp32 reference forward."""
-    q, k, v, W, f, _ = make_inputs(8, 4096, 64, 16, (1, 1, 84, 84, 84), torch.bfloat16, h0=False)
+    q, k, v, W, f, _ = make_inputs(8, 4096, 64, 16, (1, 1, 84, 84, 84), torch.bfloat16, h0=False,
+                                  w_noise=0.1)
     leaves = [x.requires_grad_() for x in (q, k, v, W, f)]
+    dy = torch.randn(8, 4096, 84, 16, device="cuda", dtype=torch.bfloat16)
+    dh = torch.randn(8, 84, 64, 16, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     y, h = m2rnn(*leaves, grad_clip=1.0)
-    (y.float().square().mean() + h.mean()).backward()
+    torch.autograd.backward((y, h), (dy, dh))
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
+    print(f"peak extra memory of forward+backward: {extra / 2**30:.3f} GiB")
     assert extra <= 2**30, f"peak extra memory {extra / 2**30:.2f} GiB"
     with torch.no_grad():
         y_ref, h_ref = m2rnn_reference(*(x.detach() for x in leaves))

@@ -1,0 +1,115 @@
+"""
+Sample from a trained model, streaming the text as it is generated.
+
+    python sample.py                                   # out/ckpt.pt, 3 samples from "\\n"
+    python sample.py --out_dir=out-pystdlib --start="def " --num_samples=1 --max_new_tokens=2000
+    python sample.py --start=FILE:prompt.txt --temperature=0   # prompt from a file, greedy decoding
+
+Generation uses the cached path (GPT.generate): M²RNN layers carry an O(1) state, attention layers a
+KV cache of block_size positions. The tokenizer is the one the training data was prepared with:
+the checkpoint's config["dataset"] (and "data_root", default data/) -> data/<dataset>/meta.json ->
+prepare_data.get_tokenizer.
+"""
+import ast
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+import prepare_data
+from model import GPT
+
+# -----------------------------------------------------------------------------
+out_dir = "out"  # directory holding ckpt.pt (written by train.py)
+start = "\n"  # the prompt, or "FILE:path" to read it from a file; "" starts from the end-of-text token
+num_samples = 3  # samples, one after another
+max_new_tokens = 500  # tokens generated per sample
+temperature = 0.8  # 1.0 unchanged, < 1 sharper, > 1 more random, 0 greedy (argmax)
+top_k = 200  # sample among the top_k most likely tokens only; None: all of them
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"  # 'cpu', 'cuda', 'cuda:1', ...
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or 'float16'
+# -----------------------------------------------------------------------------
+
+
+def apply_overrides(argv, settings):
+    """--key=value for each setting; values are Python literals (strings need no quotes)."""
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            sys.exit(f"expected --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        if key not in settings:
+            sys.exit(f"unknown setting --{key}; valid: " + ", ".join(f"--{k}" for k in settings))
+        default = settings[key]
+        if not isinstance(default, str):
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                sys.exit(f"--{key}={value}: not a Python literal")
+            numeric = isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
+            if default is not None and value is not None and not numeric and type(value) is not type(default):
+                sys.exit(f"--{key} expects a {type(default).__name__}, got {value!r}")
+            value = float(value) if numeric else value
+        if key == "top_k" and value is not None and not isinstance(value, int):
+            sys.exit(f"--top_k expects an int or None, got {value!r}")
+        settings[key] = value
+
+
+settings = {k: v for k, v in globals().items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))}
+apply_overrides(sys.argv[1:], settings)
+globals().update(settings)
+
+torch.manual_seed(seed)
+torch.cuda.manual_seed_all(seed)
+device_type = "cuda" if "cuda" in device else "cpu"
+dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if dtype not in dtypes:
+    sys.exit(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+ptdtype = dtypes[dtype]
+ctx = nullcontext() if device_type == "cpu" or ptdtype == torch.float32 else \
+    torch.autocast(device_type=device_type, dtype=ptdtype)
+
+try:
+    model, ckpt = GPT.from_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
+except (FileNotFoundError, ValueError) as e:
+    sys.exit(str(e))
+
+# the tokenizer the data was prepared with
+train_config = ckpt.get("config") or {}
+dataset = train_config.get("dataset")
+data_root = train_config.get("data_root", "data")  # relative to the repository, as train.py takes it
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), data_root, str(dataset))
+meta_path = os.path.join(data_dir, "meta.json")
+if dataset is None or not os.path.isfile(meta_path):
+    sys.exit(f"cannot find the tokenizer: the checkpoint's dataset is {dataset!r} and {meta_path} does not "
+             f"exist (run prepare_data.py for that dataset first)")
+with open(meta_path) as f:
+    meta = json.load(f)
+if meta.get("kind") != "text":
+    sys.exit(f"{meta_path}: dataset kind {meta.get('kind')!r} is not text; nothing to sample "
+             f"(state-tracking models are evaluated by train.py)")
+try:
+    tok = prepare_data.get_tokenizer(meta["tokenizer"])
+except RuntimeError as e:  # prepare_data.PrepareError: no tiktoken, no network, ...
+    sys.exit(str(e))
+
+if start.startswith("FILE:"):
+    with open(start[5:], encoding="utf-8") as f:
+        start = f.read()
+start_ids = tok.encode(start) or [tok.eot]
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :]  # (1,S)
+
+with ctx:
+    for k in range(num_samples):
+        ids, shown = [], ""
+        print(start, end="", flush=True)
+        for idx_next in model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k):
+            ids.append(idx_next.item())
+            text = tok.decode(ids).rstrip("\ufffd")  # hold back a multi-byte character cut so far
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        print(tok.decode(ids)[len(shown):])
+        print("---------------")
