@@ -194,8 +194,8 @@ def _m2rnn_bwd_kernel(
     o_state = (i_bh * K + o_k[:, None]) * V + o_v[None, :]
     o_tile = o_k[:, None] * V + o_v[None, :]  # offsets in one (K,V) state
     p_ckpt = CKPT + i_bh * NC * K * V + o_tile
-    # this program's scratch: C recomputed steps of (H_{t-1}, Z_t), each (BK,V) of a (K,V) tile
-    p_scr = SCRATCH + (i_bh * NB + i_k) * C * 2 * K * V + o_tile
+    # this program's scratch: C recomputed steps of (H_{t-1}, Z_t), each a (BK,V) block
+    p_scr = SCRATCH + (i_bh * NB + i_k) * C * 2 * BK * V + tl.arange(0, BK)[:, None] * V + o_v[None, :]
 
     b_w = tl.load(W + (i_h // (H // HW)) * V * V + o_v[:, None] * V + o_v[None, :])  # (V,V)
     if HAS_DHT:
@@ -222,8 +222,8 @@ def _m2rnn_bwd_kernel(
             n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + tl.minimum(j + 1, n_t - 1), stride_qs,
                                             stride_ks, stride_vs, stride_fs, m_k)
             b_z = _tanh(_matmul(b_h, b_w, PRECISION) + b_k[:, None] * b_v[None, :], FAST_TANH)
-            tl.store(p_scr + (2 * j) * K * V, b_h, mask=m_kv)  # H_{t-1}
-            tl.store(p_scr + (2 * j + 1) * K * V, b_z, mask=m_kv)  # Z_t
+            tl.store(p_scr + (2 * j) * BK * V, b_h)  # H_{t-1}
+            tl.store(p_scr + (2 * j + 1) * BK * V, b_z)  # Z_t
             b_h = b_f * b_h + (1.0 - b_f) * b_z
         tl.debug_barrier()  # scratch written by some threads is read by others below
 
@@ -231,8 +231,8 @@ def _m2rnn_bwd_kernel(
         j = n_t - 1
         n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
         n_dy = tl.load(p_dy + (t0 + j) * H * V).to(tl.float32)
-        n_hp = tl.load(p_scr + (2 * j) * K * V, mask=m_kv, other=0.0)
-        n_z = tl.load(p_scr + (2 * j + 1) * K * V, mask=m_kv, other=0.0)
+        n_hp = tl.load(p_scr + (2 * j) * BK * V)
+        n_z = tl.load(p_scr + (2 * j + 1) * BK * V)
         for j_r in range(n_t):
             j = n_t - 1 - j_r
             t = t0 + j
@@ -241,8 +241,8 @@ def _m2rnn_bwd_kernel(
             n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs,
                                             stride_fs, m_k)
             n_dy = tl.load(p_dy + (t0 + j_n) * H * V).to(tl.float32)
-            n_hp = tl.load(p_scr + (2 * j_n) * K * V, mask=m_kv, other=0.0)  # H_{t-2}
-            n_z = tl.load(p_scr + (2 * j_n + 1) * K * V, mask=m_kv, other=0.0)  # Z_{t-1}
+            n_hp = tl.load(p_scr + (2 * j_n) * BK * V)  # H_{t-2}
+            n_z = tl.load(p_scr + (2 * j_n + 1) * BK * V)  # Z_{t-1}
 
             b_ht = b_f * b_hp + (1.0 - b_f) * b_z  # H_t
             # G_t = G + q_t dy_tᵀ: everything that reaches H_t, then clipped (spec §3)
@@ -341,7 +341,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk):
     df = _output(f.shape, f, atomic=heads["HF"] < H or NB > 1)
     dw = _empty(B, H, NB, V, V, device=q.device, dtype=torch.float32)
     dh0 = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    scratch = _empty(B * H * NB, chunk, 2, K, V, device=q.device, dtype=torch.float32)
+    scratch = _empty(B * H * NB, chunk, 2, BK, V, device=q.device, dtype=torch.float32)
     dht = dh_last.float().contiguous() if dh_last is not None else dh0  # dummy when absent
     _m2rnn_bwd_kernel[(B * H, NB)](
         q, k, v, W.float().contiguous(), f, ckpt, dy.contiguous(), dht,
@@ -351,6 +351,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk):
         HAS_DHT=dh_last is not None, CLIP=grad_clip is not None,
         PRECISION=precision, FAST_TANH=fast, num_warps=num_warps,
     )
+    del scratch  # before the casts below allocate
     # dW: sum over batch and row blocks, then over the heads that share one W
     dW = dw.sum(dim=(0, 2)).view(heads["HW"], H // heads["HW"], V, V).sum(1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dW.to(W.dtype), df.to(f.dtype), dh0
@@ -388,9 +389,9 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W: torch.Ten
 
 @_backward_op.register_fake
 def _(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk):
-    B, H, _, K, V = ckpt.shape
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(W),
-            torch.empty_like(f), ckpt.new_empty(B, H, K, V))
+    B, H, _, K, V = ckpt.shape  # gradients come back contiguous, whatever the inputs' strides
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), W.new_empty(W.shape),
+            f.new_empty(f.shape), ckpt.new_empty(B, H, K, V))
 
 
 def _setup_context(ctx, inputs, output):
