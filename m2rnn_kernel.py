@@ -55,8 +55,23 @@ def _tanh(x, FAST: tl.constexpr):
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x],
                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
-        # tanh(x) = 2·sigmoid(2x) − 1: portable (runs in Triton's CPU interpreter), fp32-accurate
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+        # fp32-accurate and portable (Triton's CPU interpreter has no libdevice): the Taylor series
+        # to x^15 where |x| < 0.55 (relative error < 1e-7 there), else (1 − e^{−2|x|}) / (1 + e^{−2|x|}),
+        # whose subtraction loses nothing once e^{−2|x|} < 1/3. The shortcut 2·sigmoid(2x) − 1 has
+        # an absolute error of ~1e-7, which near 0 is a large relative one: seen to grow to 2.5e-4
+        # on y over 4096 steps.
+        x2 = x * x
+        p = -929569.0 / 638512875.0
+        p = p * x2 + 21844.0 / 6081075.0
+        p = p * x2 - 1382.0 / 155925.0
+        p = p * x2 + 62.0 / 2835.0
+        p = p * x2 - 17.0 / 315.0
+        p = p * x2 + 2.0 / 15.0
+        p = p * x2 - 1.0 / 3.0
+        series = x + x * x2 * p
+        e = tl.exp(-2.0 * tl.abs(x))
+        far = (1.0 - e) / (1.0 + e)
+        return tl.where(tl.abs(x) < 0.55, series, tl.where(x < 0, -far, far))
 
 
 @triton.jit

@@ -264,7 +264,7 @@ def test_gpu_paper_shape_memory_and_forward():
 @gpu
 def test_gpu_compiled_hybrid_training_step_matches_eager():
     """torch.compile(fullgraph=True) of a hybrid with both block types, on the Triton kernel:
-    the same loss and gradients as eager, within bf16 autocast tolerance."""
+    the same loss and gradients as eager (float32, so the two differ by rounding only)."""
     from model import GPT, GPTConfig
 
     torch.manual_seed(0)
@@ -276,16 +276,15 @@ def test_gpu_compiled_hybrid_training_step_matches_eager():
 
     def step(m):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = m(idx, targets)
+        _, loss = m(idx, targets)
         loss.backward()
         return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
 
     loss_eager, grads_eager = step(model)
     loss_compiled, grads_compiled = step(torch.compile(model, fullgraph=True))
-    assert abs(loss_compiled.item() - loss_eager.item()) <= 1e-2 * abs(loss_eager.item())
-    for g_c, g_e in zip(grads_compiled, grads_eager):
-        assert rel_err(g_c, g_e) <= 5e-2
+    assert abs(loss_compiled.item() - loss_eager.item()) <= 1e-5 * abs(loss_eager.item())
+    for (name, _), g_c, g_e in zip(model.named_parameters(), grads_compiled, grads_eager):
+        assert rel_err(g_c, g_e) <= 1e-3, name
 
 
 def test_custom_ops_pass_opcheck():
