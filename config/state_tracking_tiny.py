@@ -15,7 +15,11 @@
 #       model was still counting after 1500 steps.
 #   m2rnn_conv_size = 1: the state, not a window of the last 4 bits, has to carry the parity.
 #
-# 1 block, d = 32, M²RNN H = 2 heads of K = 8 x V = 8. Batch: 64 rows x 32 bits; 500 steps, ~25 s on 2 CPU cores.
+# Not every seed finds the flip within 500 steps: in our CPU runs of this config (and close variants) about 4 in 5
+# seeds did, the others were still counting or had every gate shut (f ≈ 1). The default seed (1337) learns it by
+# step 150, deterministically on the CPU, which is what the test relies on.
+#
+# 1 block, d = 32, M²RNN H = 2 heads of K = 8 x V = 8. Batch: 64 rows x 32 bits; 500 steps, ~30-40 s on 2 CPU cores.
 
 out_dir = "out-st-tiny"
 dataset = "parity"
