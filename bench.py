@@ -1,0 +1,314 @@
+"""
+Throughput of whole models (issue 6): training tokens/s, MFU and peak memory of GPT, the hybrid, the all-M²RNN
+model and GPT with one M²RNN layer, at ~equal parameter count (GPT-2 small, block 1024); then the per-token
+latency of cached decoding (model.prefill, then model.forward_step, as sample.py generates) at positions 128 … 8k.
+
+    python bench.py --out=bench-1gpu     # one GPU, both parts: ~5-8 minutes on an H200, mostly compilation
+    python bench.py --mode=generate --gen_models=hybrid --gen_batch_size=8           # one part, other settings
+    torchrun --standalone --nproc_per_node=2 bench.py --mode=train --out=bench-ddp --baseline=bench-1gpu/bench.json
+    python bench.py --device=cpu --compile=False --threads=1 --n_layer=3 --n_embd=64 --n_head=2 --m2rnn_heads=4 \\
+        --m2rnn_k_dim=16 --m2rnn_v_dim=16 --mlp_hidden=128 --block_size=64 --batch_size=2 --vocab_size=256 \\
+        --warmup=1 --steps=2 --gen_positions=8,16 --gen_steps=4     # CPU smoke test: every code path, tiny sizes
+
+Each model's settings come from its config file(s), read by train.py's configurator; `--key=value` then overrides
+a model or system setting of every model (OVERRIDABLE, checked as train.py checks it) or sets one of the bench
+settings below. A changed n_layer repeats or cuts each layer pattern to n_layer letters (at 3: gpt 'AAA',
+hybrid 'MMA', m2rnn 'MMM', one_m 'MAA').
+
+Training step = train.py's: bf16 autocast forward, backward, gradient clipping (grad_clip of the config), AdamW
+step, zero_grad; torch.compile on CUDA; random tokens (no data loading). Steps run back to back, timed with CUDA
+events (the clock on the CPU); medians are reported. Under torchrun each process runs batch_size x block_size
+tokens per step (DDP, NCCL on CUDA, gloo on CPU); tokens/s is the global rate, the step time the slowest
+process's median. --baseline=<an earlier bench.json> adds the ratio of tokens/s to that run (DDP scaling).
+Decoding (eager, batch gen_batch_size): a prefill of p random tokens, then gen_steps greedy tokens; ms/token is
+their median, cache MiB the attention keys/values up to p plus the M²RNN states. Peak GiB: training, the whole
+run of a model; decoding, the timed steps (weights and the cache, allocated for the last position).
+"""
+import ast
+import difflib
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext, redirect_stdout
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import train
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------------------------------------
+# Bench settings (model, batch and system settings come from the config files: see OVERRIDABLE)
+mode = "all"  # 'train', 'generate' or 'all' (under torchrun: training only)
+models = "gpt,hybrid,m2rnn,one_m"  # models of the training benchmark (names in MODELS)
+gen_models = "gpt,hybrid"  # models of the generation benchmark
+warmup = 10  # untimed training steps per model (the first one compiles)
+steps = 20  # timed training steps per model
+gen_positions = (128, 512, 1024, 2048, 4096, 8192)  # decoding starts after a prefill of this many tokens
+gen_steps = 32  # timed decode steps from each position
+gen_batch_size = 1  # sequences decoded together
+vocab_size = 50257  # GPT-2 BPE, as train.py reads it from OpenWebText's meta.json
+out = ""  # a folder for bench.md (the tables) and bench.json (every number); "": print only
+baseline = ""  # bench.json of an earlier run (e.g. one GPU): adds the ratio of tokens/s to it per model
+# -----------------------------------------------------------------------------------------------------------
+BENCH = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, str, tuple)}
+OVERRIDABLE = [k for k in train.MODEL_KEYS if k not in ("layer_pattern", "pos_encoding")] + \
+              ["batch_size", "device", "dtype", "compile", "backend", "threads", "seed"]
+REPO = os.path.dirname(os.path.abspath(__file__))
+MODELS = {  # name: (config files, applied in order; layer pattern replacing theirs, or None)
+    "gpt": (["config/gpt.py"], None),
+    "hybrid": (["config/hybrid.py"], None),
+    "m2rnn": (["config/m2rnn.py"], None),
+    # GPT with its first layer M²RNN (M²RNN sizes from hybrid.py, the rest from gpt.py). Its 11 attention layers
+    # keep GPT's RoPE (gpt.py's pos_encoding; model.py's 'auto' would drop it as in the paper's hybrids), so its
+    # ratio to GPT is the cost of the one M²RNN layer alone.
+    "one_m": (["config/hybrid.py", "config/gpt.py"], "MAAAAAAAAAAA"),
+}
+SetupError = train.SetupError
+
+
+def parse_args(argv):
+    """Bench settings (typed like their defaults) and the list of --key=value overrides of the configs."""
+    settings, overrides = dict(BENCH), []
+    for arg in argv:
+        key, sep, text = arg[2:].partition("=")
+        if not arg.startswith("--") or not sep:
+            raise SetupError(f"expected --key=value, got {arg!r}")
+        if key in OVERRIDABLE:
+            train.parse_config([arg])  # train.py's checks of the value; raises SetupError
+            overrides.append(arg)
+        elif key in BENCH:
+            default = BENCH[key]
+            try:
+                value = text if isinstance(default, str) else ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = None
+            value = (value,) if isinstance(default, tuple) and type(value) is int else value
+            if type(value) is not type(default):
+                raise SetupError(f"--{key} must be a {type(default).__name__} like its default {default!r}, "
+                                 f"got {text!r}")
+            settings[key] = value
+        else:
+            close = difflib.get_close_matches(key, [*BENCH, *OVERRIDABLE], n=1)
+            raise SetupError(f"unknown setting {key!r}.{f' Did you mean {close[0]!r}?' if close else ''} Bench "
+                             f"settings: {', '.join(BENCH)}; overrides of the configs: {', '.join(OVERRIDABLE)}")
+    for key in ("models", "gen_models"):
+        unknown = [m for m in settings[key].split(",") if m not in MODELS]
+        if unknown:
+            raise SetupError(f"--{key}: unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    if settings["mode"] not in ("train", "generate", "all"):
+        raise SetupError(f"--mode must be 'train', 'generate' or 'all', got {settings['mode']!r}")
+    if not all(type(p) is int and p > 0 for p in settings["gen_positions"]):
+        raise SetupError(f"--gen_positions must be positive ints, got {settings['gen_positions']!r}")
+    return settings, overrides
+
+
+def model_args(name, overrides, s):
+    """(train.py settings, GPTConfig arguments) of a model: config files, its pattern, then the overrides."""
+    files, pattern = MODELS[name]
+    cfg = train.parse_config([os.path.join(REPO, f) for f in files] +
+                             ([f"--layer_pattern={pattern}"] if pattern else []) + overrides)
+    n = cfg["n_layer"]
+    cfg["layer_pattern"] = (cfg["layer_pattern"] * n)[:n]
+    args = {k: cfg[k] for k in train.MODEL_KEYS}
+    args.update(vocab_size=s["vocab_size"], m2rnn_grad_clip=cfg["m2rnn_grad_clip"] or None)  # as train.py does
+    return cfg, args
+
+
+def step_times(fn, n, device):
+    """Seconds of each of n back-to-back calls of fn: CUDA events on a GPU (no sync in between), else the clock."""
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        events[0].record()
+        for e in events[1:]:
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
+    stamps = [time.perf_counter()]
+    for _ in range(n):
+        fn()
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def bench_train(name, cfg, args, s, device, autocast, use_compile, world):
+    """Median training step of one model; its memory is freed when this returns (see free())."""
+    torch.manual_seed(cfg["seed"])
+    raw = GPT(GPTConfig(**args)).to(device)
+    optimizer = raw.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], cfg["betas"], cfg["eps"],
+                                         device.type)
+    model = torch.compile(raw) if use_compile else raw
+    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    B, T = cfg["batch_size"], cfg["block_size"]
+    x, y = torch.randint(s["vocab_size"], (2, B, T), device=device)  # (B,T) each: random tokens
+
+    def step():  # train.py's step without accumulation (dtype float16 would need its GradScaler: timing only)
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step_times(step, s["warmup"], device)  # compilation, allocator and autotuning warm-up
+    dt = torch.tensor(statistics.median(step_times(step, s["steps"], device)), device=device)  # NCCL: on the GPU
+    if world > 1:
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slowest process sets the pace
+    dt = dt.item()
+    return dict(model=name, layers=args["layer_pattern"], params=raw.get_num_params(), batch=B, block=T,
+                world=world, step_ms=dt * 1e3, tokens_per_s=world * B * T / dt, mfu=raw.estimate_mfu(B, dt),
+                peak_gib=peak(device))
+
+
+@torch.no_grad()
+def bench_generate(name, cfg, args, s, device, autocast, cache_dtype):
+    """Per-token latency of model.forward_step after a prefill of p tokens, for each p in gen_positions."""
+    # The attention KV cache holds block_size positions (CausalSelfAttention.init_cache), so the model is built
+    # with block_size = the last position + gen_steps; weights and M²RNN states do not depend on it.
+    args = dict(args, block_size=max(s["gen_positions"]) + s["gen_steps"])
+    torch.manual_seed(cfg["seed"])
+    model = GPT(GPTConfig(**args)).to(device).eval()  # eager, as sample.py runs it
+    B, rows = s["gen_batch_size"], []
+    for p in s["gen_positions"]:
+        state = model.init_state(B, device, cache_dtype)  # cache in the autocast dtype (sample.py: the weights')
+        with autocast:
+            at = [p, model.prefill(torch.randint(s["vocab_size"], (B, p), device=device), state).argmax(-1)]
+            in_use = sum(t.nbytes * (c["length"] / t.shape[2] if k in ("k", "v") else 1)  # KV up to p, M²RNN all
+                         for c in state for k, t in c.items() if torch.is_tensor(t))
+
+            def decode():  # one greedy token at position at[0]
+                at[1] = model.forward_step(at[1], state, at[0]).argmax(-1)
+                at[0] += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            dt = statistics.median(step_times(decode, s["gen_steps"], device))
+        rows.append(dict(model=name, layers=args["layer_pattern"], position=p, batch=B, ms_per_token=dt * 1e3,
+                         tokens_per_s=B / dt, cache_mib=in_use / 2**20, peak_gib=peak(device)))
+    return rows
+
+
+def peak(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def free(device):
+    gc.collect()
+    torch._dynamo.reset()  # drop the compiled graphs of the last model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def row(cells):
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def tables(header, train_rows, gen_rows, base):
+    """Markdown: the training table (tokens/s vs gpt, and vs the baseline run if any), the decoding table."""
+    lines, gpt = [header, ""], next((r["tokens_per_s"] for r in train_rows if r["model"] == "gpt"), None)
+    if train_rows:
+        head = ["model", "layers", "params", "batch x block x GPUs", "step ms", "tokens/s", "vs gpt", "MFU",
+                "peak GiB"] + ["vs baseline"] * bool(base)
+        lines += [row(head), row(["---"] * len(head))]
+        for r in train_rows:
+            b = base.get(r["model"])
+            lines.append(row([r["model"], r["layers"], f"{r['params'] / 1e6:.2f}M",
+                              f"{r['batch']} x {r['block']} x {r['world']}", f"{r['step_ms']:.1f}",
+                              f"{r['tokens_per_s']:,.0f}", fmt(gpt and r["tokens_per_s"] / gpt, ".3f"),
+                              fmt(r["mfu"], ".1%"), fmt(r["peak_gib"], ".2f")]
+                             + [fmt(b and r["tokens_per_s"] / b, ".2f")] * bool(base)))
+        lines.append("")
+    if gen_rows:
+        lines += [row(["model", "position", "ms/token", "tokens/s", "cache MiB", "peak GiB"]), row(["---"] * 6)]
+        lines += [row([r["model"], r["position"], f"{r['ms_per_token']:.3f}", f"{r['tokens_per_s']:,.1f}",
+                       f"{r['cache_mib']:.2f}", fmt(r["peak_gib"], ".2f")]) for r in gen_rows]
+        lines.append("")
+        for name in dict.fromkeys(r["model"] for r in gen_rows):
+            rs = [r for r in gen_rows if r["model"] == name]
+            lines.append(f"- {name}: ms/token at position {rs[-1]['position']} / at {rs[0]['position']} = "
+                         f"{rs[-1]['ms_per_token'] / rs[0]['ms_per_token']:.2f}x (issue 6 target, hybrid: <= 1.2x)")
+    return "\n".join(lines)
+
+
+def main(argv):
+    s, overrides = parse_args(argv)
+    system = train.parse_config(overrides)  # device, dtype, compile, backend, threads
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun, as train.py
+    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                               int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
+    name = system["device"] if system["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SetupError(f"device={name!r} but torch sees no GPU: use --device=cpu")
+    device = torch.device(f"cuda:{local_rank}" if ddp and name == "cuda" else name)
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if system["threads"] > 0:
+        torch.set_num_threads(system["threads"])
+    dtype = system["dtype"] if system["dtype"] != "auto" else (
+        "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    ptdtype = getattr(torch, dtype)
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=ptdtype)
+    use_compile = system["compile"] if system["compile"] != "auto" else device.type == "cuda"
+    base = {}
+    if s["baseline"]:
+        if not os.path.isfile(s["baseline"]):
+            raise SetupError(f"--baseline={s['baseline']}: no such file (a bench.json written by --out)")
+        with open(s["baseline"]) as f:
+            base = {r["model"]: r["tokens_per_s"] for r in json.load(f)["train"]}
+    if ddp:
+        dist.init_process_group(backend=system["backend"] if system["backend"] != "auto" else
+                                ("nccl" if device.type == "cuda" else "gloo"))
+    try:
+        train_rows, gen_rows = [], []
+        with nullcontext() if rank == 0 else redirect_stdout(open(os.devnull, "w")):  # one process prints
+            if s["mode"] in ("train", "all"):
+                for m in s["models"].split(","):
+                    cfg, args = model_args(m, overrides, s)
+                    train_rows.append(bench_train(m, cfg, args, s, device, autocast, use_compile, world))
+                    free(device)
+                    print(f"{m}: {train_rows[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+            if s["mode"] != "train" and ddp:
+                print("generation runs in one process: skipped under torchrun (launch it with python)")
+            elif s["mode"] in ("generate", "all"):
+                for m in s["gen_models"].split(","):
+                    cfg, args = model_args(m, overrides, s)
+                    gen_rows += bench_generate(m, cfg, args, s, device, autocast, ptdtype)
+                    free(device)
+        if rank == 0:
+            gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+            launcher = f"torchrun --standalone --nproc_per_node={world}" if ddp else "python"
+            header = (f"{world} x {gpu}, torch {torch.__version__}, {dtype}, compile={use_compile}, "
+                      f"{time.strftime('%Y-%m-%d')}; {launcher} bench.py {' '.join(argv)}")
+            text = tables(header, train_rows, gen_rows, base)
+            print(text)
+            if s["out"]:
+                os.makedirs(s["out"], exist_ok=True)
+                with open(os.path.join(s["out"], "bench.md"), "w") as f:
+                    f.write(text + "\n")
+                with open(os.path.join(s["out"], "bench.json"), "w") as f:
+                    json.dump({"header": header, "settings": s, "overrides": overrides, "train": train_rows,
+                               "generate": gen_rows}, f, indent=1)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
