@@ -14,13 +14,22 @@ The M²RNN layer (spec §2), for an input x (B,S,d):
 
 The recurrence itself (with its Triton kernel) lives in m2rnn_kernel.py; this file owns everything around it.
 Every layer is a pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x)). The mixer of layer i
-is chosen by config.layer_pattern[i]: 'A' attention, 'M' M²RNN (see MIXERS at the end of the layer classes).
+is chosen by config.layer_pattern[i]: 'A' attention, 'M' M²RNN, 'G' Gated DeltaNet (see MIXERS at the end of
+the layer classes). Gated DeltaNet (Yang, Kautz, Hatamizadeh, arXiv 2412.06464) is the paper's linear baseline,
+laid out as flash-linear-attention's layer; on CUDA it runs fla's kernel (an optional dependency):
+
+    q, k, v, beta_raw, a_raw, gate = in_proj(x)       q,k,v: causal conv + SiLU; q, k L2-normalised, q · Kg^-0.5
+    beta_t = sigmoid(beta_raw_t),  g_t = −exp(A_log) · softplus(a_raw_t + dt_bias)    per head; g_t log decay
+    S_t = exp(g_t) · S_{t-1};  S_t = S_t + beta_t · k_t (v_t − S_tᵀ k_t)ᵀ               the delta rule, S_t Kg×Vg
+    o_t = S_tᵀ q_t;  out = out_proj(RMSNorm(o) ⊙ SiLU(gate))                            norm per head
 
 Glossary of dimension letters (shape comments at line ends use them):
     B batch, S sequence length, d model width (n_embd), L layers, vocab vocabulary size
     nh attention heads, hs attention head size (d / nh)
     H M²RNN heads, K key dim (rows of the state), V value dim (columns), Hq / Hk heads of q / k (shared by
     consecutive groups of the H heads), Ch conv channels = Hq·K + Hk·K + H·V, ks conv kernel size
+    Hg Gated DeltaNet heads, Kg / Vg its key / value head dims (rows / columns of its state S); its conv has
+    Ch = 2·Hg·Kg + Hg·Vg channels
 """
 import inspect
 import math
@@ -32,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m2rnn_kernel import m2rnn, m2rnn_reference, m2rnn_step
+from m2rnn_kernel import m2rnn, m2rnn_step
 
 
 @dataclass
@@ -52,7 +61,12 @@ class GPTConfig:
     m2rnn_conv_size: int = 4  # ks of the depthwise causal conv on q, k, v
     m2rnn_grad_clip: Optional[float] = 1.0  # clamp of the gradient reaching each state (spec §3); None: off
     m2rnn_impl: str = "auto"  # 'auto' (Triton on CUDA, reference loop on CPU) | 'triton' | 'torch'
-    m2rnn_linear: bool = False  # ablation: no tanh, W fixed at 0 (gated linear attention); reference loop
+    m2rnn_linear: bool = False  # ablation: no tanh, W fixed at 0 (gated linear attention)
+    gdn_heads: int = 2  # Hg, Gated DeltaNet ('G') heads
+    gdn_k_dim: Optional[int] = None  # Kg; None: n_embd // (2·Hg), key width d/2 (the paper: 2 x 256 at d = 1024)
+    gdn_v_dim: Optional[int] = None  # Vg; None: 2·Kg (fla's expand_v = 2)
+    gdn_conv_size: int = 4  # ks of its depthwise causal conv on q, k, v
+    gdn_impl: str = "auto"  # 'auto' (fla's kernel on CUDA, reference loop on CPU) | 'fla' | 'torch'
     mlp_hidden: Optional[int] = None  # SwiGLU hidden size; None: 8/3·d rounded up to a multiple of 64
     dropout: float = 0.0
     rope_theta: float = 10000.0
@@ -65,13 +79,18 @@ class GPTConfig:
             self.layer_pattern = "".join("A" if i % 8 == 4 else "M" for i in range(self.n_layer))
         if self.m2rnn_heads is None:
             self.m2rnn_heads = max(1, self.n_embd // self.m2rnn_v_dim)
+        if self.gdn_k_dim is None:
+            self.gdn_k_dim = max(1, self.n_embd // (2 * self.gdn_heads))
+        if self.gdn_v_dim is None:
+            self.gdn_v_dim = 2 * self.gdn_k_dim
         if self.mlp_hidden is None:
             self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.pos_encoding == "auto":
             self.pos_encoding = "rope" if set(self.layer_pattern) == {"A"} else "none"
 
         for name in ("block_size", "vocab_size", "n_layer", "n_embd", "n_head", "m2rnn_heads", "m2rnn_k_dim",
-                     "m2rnn_v_dim", "m2rnn_q_heads", "m2rnn_k_heads", "m2rnn_conv_size", "mlp_hidden"):
+                     "m2rnn_v_dim", "m2rnn_q_heads", "m2rnn_k_heads", "m2rnn_conv_size", "gdn_heads", "gdn_k_dim",
+                     "gdn_v_dim", "gdn_conv_size", "mlp_hidden"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if len(self.layer_pattern) != self.n_layer:
@@ -93,6 +112,8 @@ class GPTConfig:
                      f"a shared head serves a consecutive group of heads")
         if self.m2rnn_impl not in ("auto", "triton", "torch"):
             fail(f"m2rnn_impl must be 'auto', 'triton' or 'torch', got {self.m2rnn_impl!r}")
+        if self.gdn_impl not in ("auto", "fla", "torch"):
+            fail(f"gdn_impl must be 'auto', 'fla' or 'torch', got {self.gdn_impl!r}")
         if self.m2rnn_grad_clip is not None and not self.m2rnn_grad_clip > 0:
             fail(f"m2rnn_grad_clip must be > 0 or None, got {self.m2rnn_grad_clip!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -186,6 +207,29 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.reshape(B, d))
 
 
+class CausalConv(nn.Conv1d):
+    """Depthwise causal conv over time (kernel ks, no bias), then SiLU: what both recurrent mixers do to q, k, v.
+    Generation keeps the last ks-1 inputs in cache["conv"] (B,ks-1,Ch)."""
+
+    def __init__(self, channels, ks):
+        super().__init__(channels, channels, ks, groups=channels, padding=ks - 1, bias=False)
+
+    def forward(self, x, cache=None):
+        """x (B,S,Ch) -> (B,S,Ch), output t from inputs t-ks+1..t. With a fresh cache, also store x's tail."""
+        S, ks = x.shape[1], self.kernel_size[0]
+        y = super().forward(x.transpose(1, 2))[..., :S].transpose(1, 2)  # left padding; drop the right end
+        if cache is not None:
+            tail = F.pad(x, (0, 0, ks - 1, 0))  # (B,ks-1+S,Ch): zeros before the sequence
+            cache["conv"] = tail[:, tail.shape[1] - (ks - 1):].to(cache["conv"].dtype)  # (B,ks-1,Ch)
+        return F.silu(y)
+
+    def step(self, x, cache):
+        """One input x (B,Ch) -> the output at its position (B,Ch); shifts cache["conv"] by one."""
+        window = torch.cat([cache["conv"], x[:, None].to(cache["conv"].dtype)], dim=1)  # (B,ks,Ch) oldest first
+        cache["conv"] = window[:, 1:]
+        return F.silu((window * self.weight[:, 0].t()).sum(dim=1))
+
+
 class M2RNNBlock(nn.Module):
     """The M²RNN mixer of spec §2: projections, conv, gate, recurrence, skip, gated norm, output projection."""
 
@@ -198,7 +242,7 @@ class M2RNNBlock(nn.Module):
         self.sizes = [self.Hq * K, self.Hk * K, H * V, H, H * V]  # [q | k | v | f_raw | g]
         self.Ch = self.Hq * K + self.Hk * K + H * V  # channels of the conv: q, k, v
         self.in_proj = nn.Linear(c.n_embd, sum(self.sizes), bias=False)
-        self.conv = nn.Conv1d(self.Ch, self.Ch, self.ks, groups=self.Ch, padding=self.ks - 1, bias=False)
+        self.conv = CausalConv(self.Ch, self.ks)
         if not self.linear:  # the linear ablation has W = 0: no parameter
             self.W = nn.Parameter(torch.empty(H, V, V))  # state transition, one per head
         self.A_log = nn.Parameter(torch.empty(H))  # decay rate: f = exp(−exp(A_log)·dt)
@@ -225,17 +269,12 @@ class M2RNNBlock(nn.Module):
         B, S, _ = x.shape
         H, K, V = self.H, self.K, self.V
         qkv, f_raw, g = self.in_proj(x).split([self.Ch, H, H * V], dim=-1)  # (B,S,Ch) (B,S,H) (B,S,H·V)
-        conv = self.conv(qkv.transpose(1, 2))[..., :S].transpose(1, 2)  # (B,S,Ch): causal, left padding
-        q, k, v = F.silu(conv).split(self.sizes[:3], dim=-1)
+        q, k, v = self.conv(qkv, cache).split(self.sizes[:3], dim=-1)
         q, k, v = q.view(B, S, self.Hq, K), k.view(B, S, self.Hk, K), v.view(B, S, H, V)  # (B,S,Hq,K) ...
         f = self.forget_gate(f_raw)  # (B,S,H) fp32
-        if self.linear:  # no linear kernel: the reference loop, on every device
-            y, h_last = m2rnn_reference(q, k, v, self._transition(x), f, grad_clip=self.grad_clip, nonlinear=False)
-        else:
-            y, h_last = m2rnn(q, k, v, self.W, f, grad_clip=self.grad_clip, impl=self.impl)  # (B,S,H,V), (B,H,K,V)
+        y, h_last = m2rnn(q, k, v, self._transition(x), f, grad_clip=self.grad_clip, impl=self.impl,
+                          nonlinear=not self.linear)  # (B,S,H,V), (B,H,K,V)
         if cache is not None:
-            tail = F.pad(qkv, (0, 0, self.ks - 1, 0))  # (B,ks-1+S,Ch): zeros before the sequence
-            cache["conv"] = tail[:, tail.shape[1] - (self.ks - 1):].to(cache["conv"].dtype)  # (B,ks-1,Ch)
             cache["h"] = h_last.float()
         return self._output(y, v, g)
 
@@ -248,17 +287,105 @@ class M2RNNBlock(nn.Module):
         B = x.shape[0]
         H, K, V = self.H, self.K, self.V
         qkv, f_raw, g = self.in_proj(x).split([self.Ch, H, H * V], dim=-1)  # (B,Ch) (B,H) (B,H·V)
-        window = torch.cat([cache["conv"], qkv[:, None].to(cache["conv"].dtype)], dim=1)  # (B,ks,Ch) oldest first
-        cache["conv"] = window[:, 1:]
-        conv = (window * self.conv.weight[:, 0].t()).sum(dim=1)  # (B,Ch): the conv's last output position
-        q, k, v = F.silu(conv).split(self.sizes[:3], dim=-1)
+        q, k, v = self.conv.step(qkv, cache).split(self.sizes[:3], dim=-1)
         q, k, v = q.view(B, self.Hq, K), k.view(B, self.Hk, K), v.view(B, H, V)
         y, cache["h"] = m2rnn_step(q, k, v, self._transition(x), self.forget_gate(f_raw), cache["h"],
                                    nonlinear=not self.linear)  # (B,H,V), (B,H,K,V)
         return self._output(y, v, g)
 
 
-MIXERS = {"A": CausalSelfAttention, "M": M2RNNBlock}  # layer_pattern char -> mixer ('G' Gated DeltaNet: add here)
+def gated_delta_rule_reference(q, k, v, g, beta, h0=None):
+    """The Gated DeltaNet recurrence, a literal loop over time in float32 (float64 for float64 inputs).
+    q, k (B,S,Hg,Kg) as they enter the rule (L2-normalised, q scaled), v (B,S,Hg,Vg), g (B,S,Hg) log decay,
+    beta (B,S,Hg), h0 (B,Hg,Kg,Vg) or None (zeros). Returns o (B,S,Hg,Vg) in v's dtype and the last state."""
+    out_dtype, dt = v.dtype, torch.promote_types(v.dtype, torch.float32)
+    q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
+    B, S, Hg, Kg = k.shape
+    s = h0.to(dt) if h0 is not None else k.new_zeros(B, Hg, Kg, v.shape[-1])  # (B,Hg,Kg,Vg)
+    outs = []
+    for t in range(S):
+        # Yang et al.'s gated delta rule S_t = S_{t-1} α_t (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ (their S is our Sᵀ)
+        s = torch.exp(g[:, t, :, None, None]) * s
+        err = v[:, t] - torch.einsum("bhkv,bhk->bhv", s, k[:, t])  # v_t − S_tᵀ k_t  (B,Hg,Vg)
+        s = s + beta[:, t, :, None, None] * k[:, t, :, :, None] * err[:, :, None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", s, q[:, t]))  # o_t = S_tᵀ q_t
+    o = torch.stack(outs, dim=1) if S > 0 else v.new_zeros(B, 0, Hg, v.shape[-1])
+    return o.to(out_dtype), s
+
+
+FLA_MISSING = ("Gated DeltaNet layers ('G' in layer_pattern) on CUDA run the kernels of flash-linear-attention, an "
+               "optional dependency that is not installed: pip install flash-linear-attention. On Hopper GPUs "
+               "(H100/H200) with Triton < 3.7.1 its backward also needs tilelang (pip install tilelang). Or set "
+               "gdn_impl='torch' for the plain PyTorch loop (slow).")
+
+
+def gated_delta_rule(q, k, v, g, beta, impl="auto"):
+    """The recurrence over a sequence from a zero state, arguments and return as gated_delta_rule_reference.
+    impl 'auto': fla's chunked kernel on CUDA tensors, the reference loop elsewhere; 'fla' or 'torch' to choose."""
+    if impl == "torch" or (impl == "auto" and not v.is_cuda):
+        return gated_delta_rule_reference(q, k, v, g, beta)
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # imported on first use: optional
+    except ImportError as e:
+        raise ImportError(FLA_MISSING) from e
+    return chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, scale=1.0, output_final_state=True)
+
+
+class GatedDeltaNet(nn.Module):
+    """The Gated DeltaNet mixer, laid out as flash-linear-attention's GatedDeltaNet layer: projections, conv,
+    gates, the delta rule, a gated RMSNorm per head (weight shared by the heads), output projection."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.Hg, self.Kg, self.Vg = Hg, Kg, Vg = c.gdn_heads, c.gdn_k_dim, c.gdn_v_dim
+        self.ks, self.impl = c.gdn_conv_size, c.gdn_impl
+        self.Ch = 2 * Hg * Kg + Hg * Vg  # channels of the conv: q, k, v
+        self.sizes = [self.Ch, Hg, Hg, Hg * Vg]  # [q k v | beta_raw | a_raw | gate]
+        self.in_proj = nn.Linear(c.n_embd, sum(self.sizes), bias=False)
+        self.conv = CausalConv(self.Ch, self.ks)
+        self.A_log = nn.Parameter(torch.empty(Hg))  # decay rate: g = −exp(A_log)·dt
+        self.dt_bias = nn.Parameter(torch.empty(Hg))  # dt = softplus(a_raw + dt_bias)
+        self.norm = RMSNorm(Vg)
+        self.out_proj = nn.Linear(Hg * Vg, c.n_embd, bias=False)
+
+    def _rule_inputs(self, qkv, beta_raw, a_raw):
+        """qkv (..., Ch) after the conv, beta_raw and a_raw (..., Hg) -> q, k (..., Hg, Kg) in v's dtype,
+        v (..., Hg, Vg), g (..., Hg) fp32, beta (..., Hg)."""
+        Hg, Kg, Vg = self.Hg, self.Kg, self.Vg
+        q, k, v = (t.unflatten(-1, (Hg, -1)) for t in qkv.split([Hg * Kg, Hg * Kg, Hg * Vg], dim=-1))
+        q = (F.normalize(q.float(), dim=-1) * Kg ** -0.5).to(v.dtype)  # norms in fp32; fla wants one dtype
+        k = F.normalize(k.float(), dim=-1).to(v.dtype)
+        g = -torch.exp(self.A_log) * F.softplus(a_raw.float() + self.dt_bias)  # log decay ≤ 0, fp32
+        return q, k, v, g, torch.sigmoid(beta_raw)
+
+    def _output(self, o, gate):
+        """o (..., Hg, Vg), gate (..., Hg·Vg) -> (..., d)."""
+        return self.out_proj((self.norm(o) * F.silu(gate.unflatten(-1, (self.Hg, self.Vg)))).flatten(-2))
+
+    def forward(self, x, cache=None):
+        """x (B,S,d) -> (B,S,d). With a fresh cache, also store the conv inputs' tail and the last state."""
+        qkv, beta_raw, a_raw, gate = self.in_proj(x).split(self.sizes, dim=-1)  # (B,S,Ch) (B,S,Hg) .. (B,S,Hg·Vg)
+        q, k, v, g, beta = self._rule_inputs(self.conv(qkv, cache), beta_raw, a_raw)  # (B,S,Hg,Kg) ...
+        o, s_last = gated_delta_rule(q, k, v, g, beta, impl=self.impl)  # (B,S,Hg,Vg), (B,Hg,Kg,Vg)
+        if cache is not None:
+            cache["S"] = s_last.float()
+        return self._output(o, gate)
+
+    def init_cache(self, batch_size, device, dtype):
+        return {"conv": torch.zeros(batch_size, self.ks - 1, self.Ch, device=device, dtype=dtype),  # (B,ks-1,Ch)
+                "S": torch.zeros(batch_size, self.Hg, self.Kg, self.Vg, device=device, dtype=torch.float32)}
+
+    def step(self, x, cache, pos):
+        """One token x (B,d): O(1) work, the reference rule for one step (pos is unused)."""
+        qkv, beta_raw, a_raw, gate = self.in_proj(x).split(self.sizes, dim=-1)  # (B,Ch) (B,Hg) (B,Hg) (B,Hg·Vg)
+        q, k, v, g, beta = self._rule_inputs(self.conv.step(qkv, cache), beta_raw, a_raw)  # (B,Hg,Kg) ...
+        o, cache["S"] = gated_delta_rule_reference(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None],
+                                                   cache["S"])  # (B,1,Hg,Vg), (B,Hg,Kg,Vg)
+        return self._output(o[:, 0], gate)
+
+
+MIXERS = {"A": CausalSelfAttention, "M": M2RNNBlock, "G": GatedDeltaNet}  # layer_pattern char -> mixer
 
 
 class Block(nn.Module):
@@ -305,7 +432,7 @@ class GPT(nn.Module):
             transformer.wte.weight, lm_head.weight       N(0, 0.02)
             Linear weights (c_attn, c_fc, in_proj)       N(0, 0.02)
             residual out-projections (attention and      N(0, 0.02 / sqrt(2·n_layer))   GPT-2: keeps the residual
-              MLP c_proj, M²RNN out_proj)                                                 stream's variance O(1)
+              MLP c_proj, M²RNN and GDN out_proj)                                         stream's variance O(1)
             RMSNorm weights (norm_1, norm_2, ln_f,       1
               M²RNN norm)
             M²RNN conv.weight (Ch,1,ks)                  U(−1/sqrt(ks), 1/sqrt(ks))  (PyTorch's default for it)
@@ -314,22 +441,24 @@ class GPT(nn.Module):
             M²RNN dt_bias (H,)                           softplus⁻¹(dt) = dt + log(−expm1(−dt)),
                                                          dt ~ logUniform(1e-3, 1e-1) clamped at ≥ 1e-4
             M²RNN D (H,)                                 1
-        At init, with f_raw ≈ 0, each head forgets at f = exp(−A·dt), anywhere in (e^-1.6, 1)."""
+            Gated DeltaNet conv, A_log, dt_bias (Hg,)    as M²RNN's; its in_proj, out_proj, norm as above
+        At init, with f_raw ≈ 0, each head forgets at f = exp(−A·dt), anywhere in (e^-1.6, 1) (GDN's exp(g) alike)."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-            elif isinstance(module, M2RNNBlock):
+            elif isinstance(module, (M2RNNBlock, GatedDeltaNet)):
                 bound = 1 / math.sqrt(module.ks)
                 nn.init.uniform_(module.conv.weight, -bound, bound)
-                if not module.linear:
-                    module.W.copy_(torch.eye(module.V).expand_as(module.W))
                 module.A_log.copy_(torch.empty_like(module.A_log).uniform_(0, 16).clamp_(min=1e-4).log())
                 dt = torch.exp(torch.empty_like(module.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)))
                 dt = dt.clamp_(min=1e-4)
                 module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-                nn.init.ones_(module.D)
+                if isinstance(module, M2RNNBlock):
+                    if not module.linear:
+                        module.W.copy_(torch.eye(module.V).expand_as(module.W))
+                    nn.init.ones_(module.D)
         for name, p in self.named_parameters():
             if name.endswith(("c_proj.weight", "out_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
@@ -347,8 +476,8 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
-        """AdamW. No weight decay on parameters of dim < 2 (norm weights) nor on A_log, dt_bias, D (spec §2);
-        matrices (Linear, conv, embeddings, M²RNN W) are decayed."""
+        """AdamW. No weight decay on parameters of dim < 2 (norm weights) nor on A_log, dt_bias, D (spec §2; the
+        Gated DeltaNet's A_log and dt_bias by the same names); matrices (Linear, conv, embeddings, M²RNN W) decay."""
         no_decay_names = ("A_log", "dt_bias", "D")
         decay, no_decay = [], []
         for name, p in self.named_parameters():
@@ -368,14 +497,17 @@ class GPT(nn.Module):
           + 3·L_M·H·(2·K·V² + 6·K·V)   M²RNN recurrence, forward ×3 for forward + backward; per head and token:
                               2·K·V² for H_{t-1} W, 2·K·V for k_t v_tᵀ and its add, 2·K·V for the gated blend,
                               2·K·V for the read-out H_tᵀ q_t (tanh is not counted). The kernel's backward also
-                              recomputes the forward (a 4th pass): that is rematerialisation, not counted."""
+                              recomputes the forward (a 4th pass): that is rematerialisation, not counted.
+          + 3·L_G·Hg·7·Kg·Vg  Gated DeltaNet recurrence as the reference loop does it: Kg·Vg for the decay, 2·Kg·Vg
+                              each for S_tᵀ k_t, the rank-1 update and the read-out (fla's chunked form does more)"""
         c = self.config
         n_matmul = sum(p.numel() for name, p in self.named_parameters()
                        if p.dim() >= 2 and name != "transformer.wte.weight" and not name.endswith(".W"))
-        n_attn, n_m2rnn = c.layer_pattern.count("A"), c.layer_pattern.count("M")
+        n_attn, n_m2rnn, n_gdn = (c.layer_pattern.count(kind) for kind in "AMG")
         H, K, V = c.m2rnn_heads, c.m2rnn_k_dim, c.m2rnn_v_dim
         recurrence = (2 * K * V * V + 6 * K * V) * H if not c.m2rnn_linear else 6 * K * V * H
-        return 6 * n_matmul + 12 * n_attn * c.n_embd * c.block_size + 3 * n_m2rnn * recurrence
+        gdn = 7 * c.gdn_heads * c.gdn_k_dim * c.gdn_v_dim
+        return 6 * n_matmul + 12 * n_attn * c.n_embd * c.block_size + 3 * n_m2rnn * recurrence + 3 * n_gdn * gdn
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
         """Model FLOPs utilisation: achieved / peak. fwdbwd_per_iter sequences of block_size tokens per
@@ -386,11 +518,12 @@ class GPT(nn.Module):
         return self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
 
     # ---------------------------------------------------------------------------------------------
-    # generation: a per-layer cache, O(1) recurrent work per token for M²RNN layers
+    # generation: a per-layer cache, O(1) recurrent work per token for M²RNN and Gated DeltaNet layers
 
     def init_state(self, batch_size, device, dtype=None):
         """A fresh cache per layer: attention {"k","v": (B,nh,block_size,hs), "length"}, M²RNN
-        {"conv": (B,ks-1,Ch), "h": (B,H,K,V) fp32}. dtype (default: the parameters') of k, v and conv."""
+        {"conv": (B,ks-1,Ch), "h": (B,H,K,V) fp32}, Gated DeltaNet {"conv": (B,ks-1,Ch), "S": (B,Hg,Kg,Vg) fp32}.
+        dtype (default: the parameters') of k, v and conv."""
         dtype = dtype or self.lm_head.weight.dtype
         return [block.mixer.init_cache(batch_size, device, dtype) for block in self.transformer.h]
 

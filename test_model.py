@@ -19,6 +19,7 @@ FAMILIES = {  # id: GPTConfig overrides of a tiny model
     "hybrid": dict(layer_pattern="MAM"),
     "m2rnn": dict(layer_pattern="MM"),
     "linear-ablation": dict(layer_pattern="MA", m2rnn_linear=True),
+    "gdn-hybrid": dict(layer_pattern="MGAG"),  # Gated DeltaNet, M²RNN and attention (test_gdn.py tests GDN alone)
 }
 
 
@@ -53,7 +54,7 @@ def test_shapes_and_initial_loss(family):
 
 
 @pytest.mark.parametrize("prompt_len", [1, 5])
-@pytest.mark.parametrize("family", ["hybrid", "linear-ablation", "attention-rope"])
+@pytest.mark.parametrize("family", ["hybrid", "linear-ablation", "attention-rope", "gdn-hybrid"])
 def test_incremental_logits_match_full_forward(family, prompt_len):
     """prefill + forward_step at each position reproduce the full forward's logits."""
     model = tiny(**FAMILIES[family]).eval()
@@ -145,8 +146,9 @@ def test_adamw_lowers_loss():
     (dict(n_layer=1, layer_pattern="M", m2rnn_k_heads=3, m2rnn_heads=4), "m2rnn_k_heads .3. must divide"),
     (dict(pos_encoding="alibi"), "pos_encoding must be"),
     (dict(m2rnn_impl="cuda"), "m2rnn_impl must be"),
+    (dict(gdn_impl="cuda"), "gdn_impl must be"),
     (dict(n_layer=0), "n_layer must be a positive int"),
-], ids=["pattern-length", "pattern-char", "n_head", "q-heads", "k-heads", "pos", "impl", "n_layer"])
+], ids=["pattern-length", "pattern-char", "n_head", "q-heads", "k-heads", "pos", "impl", "gdn-impl", "n_layer"])
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**overrides)
