@@ -71,24 +71,43 @@ def _tanh(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _bf16_parts(x, EMULATED: tl.constexpr):
+    """x ≈ hi + lo with hi, lo in bf16; float32 copies of them when EMULATED."""
+    hi = x.to(tl.bfloat16)
+    lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+    if EMULATED:
+        hi, lo = hi.to(tl.float32), lo.to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
 def _matmul(a, b, PRECISION: tl.constexpr):
-    """a @ b for float32 blocks. "ieee" and "tf32" are tl.dot's own modes. "bf16x3" splits each
-    operand into bf16 high and low parts and keeps three of the four products (error ~2^-16):
-    the tensor cores then take bf16 operands, which Triton can pass from one step's result to
-    the next step's operand in registers. "bf16x3-emulated" is the same arithmetic with float32
-    operands, for Triton's CPU interpreter, whose bf16 tl.dot is wrong (seen with Triton 3.9)."""
-    if PRECISION == "bf16x3" or PRECISION == "bf16x3-emulated":
-        a_hi = a.to(tl.bfloat16)
-        b_hi = b.to(tl.bfloat16)
-        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
-        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
-        if PRECISION == "bf16x3-emulated":
-            a_hi, b_hi, a_lo, b_lo = a_hi.to(tl.float32), b_hi.to(tl.float32), a_lo.to(tl.float32), b_lo.to(tl.float32)
-        acc = tl.dot(a_lo, b_hi, out_dtype=tl.float32, input_precision="ieee")
-        acc = tl.dot(a_hi, b_lo, acc, out_dtype=tl.float32, input_precision="ieee")
-        return tl.dot(a_hi, b_hi, acc, out_dtype=tl.float32, input_precision="ieee")
+    """a @ b for float32 blocks. "ieee" is tl.dot's exact mode. "bf16x3" splits each operand into
+    bf16 high and low parts and keeps three of the four products (error ~2^-16): the tensor cores
+    then take bf16 operands. "bf16" keeps the high parts only (error ~2^-9), for sums whose terms'
+    errors average out (dW). "...-emulated" is the same arithmetic with float32 operands, for
+    Triton's CPU interpreter, whose bf16 tl.dot is wrong (seen with Triton 3.9)."""
+    if PRECISION == "ieee":
+        return tl.dot(a, b, input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=PRECISION)
+        EMULATED: tl.constexpr = PRECISION == "bf16x3-emulated" or PRECISION == "bf16-emulated"
+        a_hi, a_lo = _bf16_parts(a, EMULATED)
+        b_hi, b_lo = _bf16_parts(b, EMULATED)
+        if PRECISION == "bf16x3" or PRECISION == "bf16x3-emulated":
+            acc = tl.dot(a_lo, b_hi, out_dtype=tl.float32, input_precision="ieee")
+            acc = tl.dot(a_hi, b_lo, acc, out_dtype=tl.float32, input_precision="ieee")
+            return tl.dot(a_hi, b_hi, acc, out_dtype=tl.float32, input_precision="ieee")
+        else:
+            return tl.dot(a_hi, b_hi, out_dtype=tl.float32, input_precision="ieee")
+
+
+@triton.jit
+def _candidate(b_h, b_w, b_k, b_v, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr):
+    """(1) Z_t = tanh(H_{t-1} W + k_t v_tᵀ); without the tanh for the linear ablation."""
+    b_a = _matmul(b_h, b_w, PRECISION) + b_k[:, None] * b_v[None, :]
+    if NONLINEAR:
+        b_a = _tanh(b_a, FAST_TANH)
+    return b_a
 
 
 @triton.jit
@@ -122,6 +141,7 @@ def _m2rnn_fwd_kernel(
     H: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, HF: tl.constexpr,
     HW: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
     HAS_H0: tl.constexpr, Y_ATOMIC: tl.constexpr, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
+    NONLINEAR: tl.constexpr,
 ):
     """One program: rows [i_k·BK, (i_k+1)·BK) of the state of head i_h in batch i_b.
     Head i_h reads head i_h // (H // HX) of a tensor with HX heads."""
@@ -155,8 +175,7 @@ def _m2rnn_fwd_kernel(
         if t % C == 0:
             # checkpoint: the state before step t, from which the backward recomputes the chunk
             tl.store(p_ckpt + (t // C) * K * V, b_h, mask=m_kv)
-        # (1) Z_t = tanh(H_{t-1} W + k_t v_tᵀ)
-        b_z = _tanh(_matmul(b_h, b_w, PRECISION) + b_k[:, None] * b_v[None, :], FAST_TANH)
+        b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)  # (1)
         # (2) H_t = f_t H_{t-1} + (1 − f_t) Z_t
         b_h = b_f * b_h + (1.0 - b_f) * b_z
         # (3) y_t = H_tᵀ q_t over this program's rows: added over row blocks when NB > 1
@@ -177,7 +196,7 @@ def _m2rnn_bwd_kernel(
     H: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, HF: tl.constexpr,
     HW: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr,
     C: tl.constexpr, HAS_DHT: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr,
-    FAST_TANH: tl.constexpr,
+    DW_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr,
 ):
     """Reverse walk of spec §3 over the rows [i_k·BK, (i_k+1)·BK) of one (batch, head).
     dq, dk are per row, so they are added over the heads sharing q, k; dv, df sum over rows,
@@ -223,25 +242,32 @@ def _m2rnn_bwd_kernel(
         i_c = NC - 1 - i_r
         t0 = i_c * C
         n_t = tl.minimum(C, S - t0)
-        # recompute the chunk's states from its checkpoint, as the forward did
+        # recompute the chunk's states from its checkpoint, as the forward did; dq_t = H_t dy_t
+        # needs no gradient from later steps, so it is done here, where H_t is at hand
         b_h = tl.load(p_ckpt + i_c * K * V, mask=m_kv, other=0.0)
         n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
+        n_dy = tl.load(p_dy + t0 * H * V).to(tl.float32)
         for j in range(n_t):
-            b_k, b_v, b_f = n_k, n_v, n_f
-            n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + tl.minimum(j + 1, n_t - 1), stride_qs,
-                                            stride_ks, stride_vs, stride_fs, m_k)
-            b_z = _tanh(_matmul(b_h, b_w, PRECISION) + b_k[:, None] * b_v[None, :], FAST_TANH)
-            tl.store(p_scr + (2 * j) * BK * V, b_h)  # H_{t-1}
-            tl.store(p_scr + (2 * j + 1) * BK * V, b_z)  # Z_t
-            b_h = b_f * b_h + (1.0 - b_f) * b_z
+            t = t0 + j
+            b_k, b_v, b_f, b_dy = n_k, n_v, n_f, n_dy
+            j_n = tl.minimum(j + 1, n_t - 1)
+            n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs,
+                                            stride_fs, m_k)
+            n_dy = tl.load(p_dy + (t0 + j_n) * H * V).to(tl.float32)
+            b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)
+            tl.store(p_scr + (2 * j) * BK * V, b_h.to(SCRATCH.dtype.element_ty))  # H_{t-1}
+            tl.store(p_scr + (2 * j + 1) * BK * V, b_z.to(SCRATCH.dtype.element_ty))  # Z_t
+            b_h = b_f * b_h + (1.0 - b_f) * b_z  # H_t
+            b_dq = tl.sum(b_h * b_dy[None, :], axis=1)  # dq_t = H_t dy_t   (BK,)
+            _store_or_add(p_dq + t * HQ * K, b_dq, m_k, Q_ATOMIC)
         tl.debug_barrier()  # scratch written by some threads is read by others below
 
         # walk the chunk backward; inputs of step t-1 are loaded while step t computes
         j = n_t - 1
         n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
         n_dy = tl.load(p_dy + (t0 + j) * H * V).to(tl.float32)
-        n_hp = tl.load(p_scr + (2 * j) * BK * V)
-        n_z = tl.load(p_scr + (2 * j + 1) * BK * V)
+        n_hp = tl.load(p_scr + (2 * j) * BK * V).to(tl.float32)
+        n_z = tl.load(p_scr + (2 * j + 1) * BK * V).to(tl.float32)
         for j_r in range(n_t):
             j = n_t - 1 - j_r
             t = t0 + j
@@ -250,23 +276,22 @@ def _m2rnn_bwd_kernel(
             n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs,
                                             stride_fs, m_k)
             n_dy = tl.load(p_dy + (t0 + j_n) * H * V).to(tl.float32)
-            n_hp = tl.load(p_scr + (2 * j_n) * BK * V)  # H_{t-2}
-            n_z = tl.load(p_scr + (2 * j_n + 1) * BK * V)  # Z_{t-1}
+            n_hp = tl.load(p_scr + (2 * j_n) * BK * V).to(tl.float32)  # H_{t-2}
+            n_z = tl.load(p_scr + (2 * j_n + 1) * BK * V).to(tl.float32)  # Z_{t-1}
 
-            b_ht = b_f * b_hp + (1.0 - b_f) * b_z  # H_t
             # G_t = G + q_t dy_tᵀ: everything that reaches H_t, then clipped (spec §3)
             b_g = b_g + b_q[:, None] * b_dy[None, :]
             if CLIP:
                 b_g = tl.minimum(tl.maximum(b_g, -clip), clip)
-            b_da = (1.0 - b_f) * b_g * (1.0 - b_z * b_z)  # dA_t: gradient at the tanh input
+            b_da = (1.0 - b_f) * b_g  # dA_t: gradient at the tanh input
+            if NONLINEAR:
+                b_da = b_da * (1.0 - b_z * b_z)
             b_df = tl.sum(tl.sum(b_g * (b_hp - b_z), axis=1), axis=0)  # df_t = Σ G_t ⊙ (H_{t-1} − Z_t)
             # G = f_t G_t + dA_t Wᵀ flows on to H_{t-1}: the dependency chain of the backward
             b_g = b_f * b_g + _matmul(b_da, tl.trans(b_w), PRECISION)
-            b_dw += _matmul(tl.trans(b_hp), b_da, PRECISION)  # dW += H_{t-1}ᵀ dA_t
-            b_dq = tl.sum(b_ht * b_dy[None, :], axis=1)  # dq_t = H_t dy_t        (BK,)
+            b_dw += _matmul(tl.trans(b_hp), b_da, DW_PRECISION)  # dW += H_{t-1}ᵀ dA_t
             b_dk = tl.sum(b_da * b_v[None, :], axis=1)  # dk_t = dA_t v_t       (BK,)
             b_dv = tl.sum(b_da * b_k[:, None], axis=0)  # dv_t = dA_tᵀ k_t      (V,)
-            _store_or_add(p_dq + t * HQ * K, b_dq, m_k, Q_ATOMIC)
             _store_or_add(p_dk + t * HK * K, b_dk, m_k, K_ATOMIC)
             _store_or_add(p_dv + t * HV * V, b_dv, m_v, V_ATOMIC)
             _store_or_add(p_df + t * HF, b_df, None, F_ATOMIC)
@@ -289,15 +314,30 @@ def _interpreting():
 
 
 def _launch_config(K, dtype):
-    """Rows per program (BK), warps, tanh flavour and matmul precision. One warp of 32 rows was the
-    best accurate choice of the sweep in notes_kernel.md. bf16 inputs take the approximations whose
-    error their own rounding hides; fp32 inputs take exact arithmetic."""
+    """Rows per program (BK), warps, tanh flavour, and the precisions of the matmuls on the
+    recurrence's chain and of dW's sum. One warp of 32 rows was the best accurate choice of the
+    sweep in notes_kernel.md. bf16 inputs take the approximations whose error their own rounding
+    hides; fp32 inputs take exact arithmetic."""
     BK = max(16, min(triton.next_power_of_2(K), 32))
     if dtype == torch.float32:
-        return BK, 1, 0, "ieee"
+        return dict(BK=BK, num_warps=1, FAST_TANH=0, PRECISION="ieee")
     if _interpreting():  # no inline PTX there, and its bf16 tl.dot is wrong
-        return BK, 1, 0, "bf16x3-emulated"
-    return BK, 1, 1, "bf16x3"
+        return dict(BK=BK, num_warps=1, FAST_TANH=0, PRECISION="bf16x3-emulated")
+    return dict(BK=BK, num_warps=1, FAST_TANH=1, PRECISION="bf16x3")
+
+
+def _dw_precision(precision):
+    """dW = Σ_t H_{t-1}ᵀ dA_t sums B·S terms whose rounding errors average out: one bf16 product
+    per term is enough where the chain itself needs bf16x3."""
+    return {"bf16x3": "bf16", "bf16x3-emulated": "bf16-emulated"}.get(precision, precision)
+
+
+def _scratch_dtype(dtype):
+    """The backward's scratch of recomputed H_{t-1}, Z_t, read once each. Its traffic dominates the
+    backward (notes_kernel.md), so bf16 inputs keep it in float16: |Z| < 1, and H_t, a running
+    convex mix of Z's and h0, stays within max(|h0|, 1), where float16 has 11 significant bits,
+    4 times bf16's. fp32 inputs keep float32."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
 
 
 def _empty(*shape, device, dtype):
@@ -312,13 +352,13 @@ def _output(shape, like, atomic):
     return _empty(*shape, device=like.device, dtype=like.dtype)
 
 
-def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk):
+def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear):
     B, S, _, K = q.shape
     V = v.shape[-1]
     H, heads = _heads(q, k, v, W, f)
     NC = triton.cdiv(S, chunk)
-    BK, num_warps, fast, precision = _launch_config(K, q.dtype)
-    NB = triton.cdiv(K, BK)
+    config = _launch_config(K, q.dtype)
+    NB = triton.cdiv(K, config["BK"])
     y = _output((B, S, H, V), q, atomic=NB > 1)
     h_last = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
     ckpt = _empty(B, H, NC, K, V, device=q.device, dtype=torch.float32)
@@ -326,18 +366,19 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk):
     _m2rnn_fwd_kernel[(B * H, NB)](
         q, k, v, W.float().contiguous(), f, h0, y, h_last, ckpt,
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC,
-        H=H, **heads, K=K, V=V, BK=BK, C=chunk, HAS_H0=h0 is not h_last, Y_ATOMIC=NB > 1,
-        PRECISION=precision, FAST_TANH=fast, num_warps=num_warps,
+        H=H, **heads, K=K, V=V, C=chunk, HAS_H0=h0 is not h_last, Y_ATOMIC=NB > 1, NONLINEAR=nonlinear,
+        **config,
     )
     return y.to(q.dtype), h_last, ckpt
 
 
-def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk):
+def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
     B, S, _, K = q.shape
     V = v.shape[-1]
     H, heads = _heads(q, k, v, W, f)
     NC = ckpt.shape[2]
-    BK, num_warps, fast, precision = _launch_config(K, q.dtype)
+    config = _launch_config(K, q.dtype)
+    BK = config["BK"]
     NB = triton.cdiv(K, BK)
     dq = _output(q.shape, q, atomic=heads["HQ"] < H)
     dk = _output(k.shape, k, atomic=heads["HK"] < H)
@@ -345,15 +386,14 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk):
     df = _output(f.shape, f, atomic=heads["HF"] < H or NB > 1)
     dw = _empty(B, H, NB, V, V, device=q.device, dtype=torch.float32)
     dh0 = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    scratch = _empty(B * H * NB, chunk, 2, BK, V, device=q.device, dtype=torch.float32)
+    scratch = _empty(B * H * NB, chunk, 2, BK, V, device=q.device, dtype=_scratch_dtype(q.dtype))
     dht = dh_last.float().contiguous() if dh_last is not None else dh0  # dummy when absent
     _m2rnn_bwd_kernel[(B * H, NB)](
         q, k, v, W.float().contiguous(), f, ckpt, dy.contiguous(), dht,
         dq, dk, dv, df, dw, dh0, scratch,
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC, float(grad_clip or 0.0),
-        H=H, **heads, K=K, V=V, BK=BK, NB=NB, C=chunk,
-        HAS_DHT=dh_last is not None, CLIP=grad_clip is not None,
-        PRECISION=precision, FAST_TANH=fast, num_warps=num_warps,
+        H=H, **heads, K=K, V=V, NB=NB, C=chunk, HAS_DHT=dh_last is not None, CLIP=grad_clip is not None,
+        DW_PRECISION=_dw_precision(config["PRECISION"]), NONLINEAR=nonlinear, **config,
     )
     del scratch  # before the casts below allocate
     # dW: sum over batch and row blocks, then over the heads that share one W
@@ -368,13 +408,13 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk):
 
 @torch.library.custom_op("m2rnn::forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W: torch.Tensor, f: torch.Tensor,
-                h0: Optional[torch.Tensor], grad_clip: Optional[float], chunk: int
+                h0: Optional[torch.Tensor], grad_clip: Optional[float], chunk: int, nonlinear: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _m2rnn_forward_launch(q, k, v, W, f, h0, chunk)
+    return _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear)
 
 
 @_forward_op.register_fake
-def _(q, k, v, W, f, h0, grad_clip, chunk):
+def _(q, k, v, W, f, h0, grad_clip, chunk, nonlinear):
     B, S, _, K = q.shape
     V = v.shape[-1]
     H, _ = _heads(q, k, v, W, f)
@@ -386,28 +426,29 @@ def _(q, k, v, W, f, h0, grad_clip, chunk):
 @torch.library.custom_op("m2rnn::backward", mutates_args=())
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W: torch.Tensor, f: torch.Tensor,
                  ckpt: torch.Tensor, dy: torch.Tensor, dh_last: Optional[torch.Tensor],
-                 grad_clip: Optional[float], chunk: int
+                 grad_clip: Optional[float], chunk: int, nonlinear: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk)
+    return _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear)
 
 
 @_backward_op.register_fake
-def _(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk):
+def _(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
     B, H, _, K, V = ckpt.shape  # gradients come back contiguous, whatever the inputs' strides
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), W.new_empty(W.shape),
             f.new_empty(f.shape), ckpt.new_empty(B, H, K, V))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, W, f, h0, grad_clip, chunk = inputs
+    q, k, v, W, f, h0, grad_clip, chunk, nonlinear = inputs
     ctx.save_for_backward(q, k, v, W, f, output[2])  # checkpoints only: the backward recomputes states
-    ctx.has_h0, ctx.grad_clip, ctx.chunk = h0 is not None, grad_clip, chunk
+    ctx.has_h0, ctx.grad_clip, ctx.chunk, ctx.nonlinear = h0 is not None, grad_clip, chunk, nonlinear
 
 
 def _backward(ctx, dy, dh_last, _dckpt):
     q, k, v, W, f, ckpt = ctx.saved_tensors
-    dq, dk, dv, dW, df, dh0 = _backward_op(q, k, v, W, f, ckpt, dy, dh_last, ctx.grad_clip, ctx.chunk)
-    return dq, dk, dv, dW, df, (dh0 if ctx.has_h0 else None), None, None
+    dq, dk, dv, dW, df, dh0 = _backward_op(q, k, v, W, f, ckpt, dy, dh_last, ctx.grad_clip, ctx.chunk,
+                                           ctx.nonlinear)
+    return dq, dk, dv, dW, df, (dh0 if ctx.has_h0 else None), None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -417,26 +458,28 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # the public function
 
 
-def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHUNK):
+def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHUNK, nonlinear=True):
     """M²RNN recurrence over a whole sequence, equations (1)-(3).
 
     q (B,S,Hq,K), k (B,S,Hk,K), v (B,S,Hv,V), W (Hw,V,V), f (B,S,Hf) in (0,1),
     h0 (B,H,K,V) or None (zeros). Returns y (B,S,H,V) in q's dtype and the last state
     (B,H,K,V) in float32. grad_clip=c clamps the gradient reaching every state to [-c, c]
     (spec §3). impl: "triton" (the chunked kernel), "torch" (the reference loop) or "auto"
-    (Triton on CUDA tensors, the reference elsewhere).
+    (Triton on CUDA tensors, the reference elsewhere). nonlinear=False drops the tanh of (1):
+    with W = 0 that is the linear ablation, a gated linear-attention layer.
     """
     _check_inputs(q, k, v, W, f, h0)
     if impl == "auto":
         impl = "triton" if q.is_cuda else "torch"
     if impl == "torch":
-        return m2rnn_reference(q, k, v, W, f, h0, grad_clip)
+        return m2rnn_reference(q, k, v, W, f, h0, grad_clip, nonlinear)
     if impl != "triton":
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     if not q.is_cuda and not _interpreting():
         raise RuntimeError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 (set before "
                            "importing triton) to run on the CPU; use impl='torch' for the reference")
-    y, h_last, _ = _forward_op(q, k, v, W, f, h0, None if grad_clip is None else float(grad_clip), int(chunk))
+    y, h_last, _ = _forward_op(q, k, v, W, f, h0, None if grad_clip is None else float(grad_clip), int(chunk),
+                               bool(nonlinear))
     return y, h_last
 
 

@@ -45,19 +45,19 @@ def make_inputs(B, S, K, V, heads, dtype, h0=True, device=DEVICE, seed=None, w_n
     return cast(q), cast(k), cast(v), keep(W), keep(f), (keep(h) if h0 else None)
 
 
-def run_both(inputs, grad_clip, chunk, seed=0):
+def run_both(inputs, grad_clip, chunk, seed=0, nonlinear=True):
     """Kernel and float64 reference on the same inputs and output gradients: (outputs, grads) each."""
     q, k, v, W, f, h0 = inputs
     leaves = [x for x in (q, k, v, W, f, h0) if x is not None]
     kern = [x.detach().clone().requires_grad_() for x in leaves]
     ref = [x.detach().double().requires_grad_() for x in leaves]
     pad = lambda xs: xs + [None] * (6 - len(xs))
-    y, h = m2rnn(*pad(kern), grad_clip=grad_clip, impl="triton", chunk=chunk)
+    y, h = m2rnn(*pad(kern), grad_clip=grad_clip, impl="triton", chunk=chunk, nonlinear=nonlinear)
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(y.shape, generator=g).to(y.device)
     dh = torch.randn(h.shape, generator=g).to(h.device)
     grads = torch.autograd.grad((y.float() * dy).sum() + (h * dh).sum(), kern)
-    y_ref, h_ref = m2rnn_reference(*pad(ref), grad_clip=grad_clip)
+    y_ref, h_ref = m2rnn_reference(*pad(ref), grad_clip=grad_clip, nonlinear=nonlinear)
     grads_ref = torch.autograd.grad((y_ref * dy.double()).sum() + (h_ref * dh.double()).sum(), ref)
     return [y, h, *grads], [y_ref, h_ref, *grads_ref]
 
@@ -180,6 +180,17 @@ def test_kernel_matches_reference(case, dtype, poisoned):
     assert outs[0].dtype == dtype and outs[1].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_linear_ablation_matches_reference(dtype, poisoned):
+    """nonlinear=False (no tanh; the model's linear ablation also sets W = 0, tested here with a
+    W that is not 0, so that its gradient path is checked too)."""
+    outs, refs = run_both(make_inputs(2, 7, 16, 16, (1, 1, 2, 2, 2), dtype, w_noise=0.3), 0.5, 3,
+                          nonlinear=False)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, out, ref in zip(["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"], outs, refs):
+        assert rel_err(out, ref) <= tol, f"{name}: relative error {rel_err(out, ref):.2e} > {tol}"
+
+
 def test_kernel_non_contiguous_inputs(poisoned):
     """q, k, v as slices of one projection, f as a strided view: the kernel reads strides."""
     B, S, K, V, H = 2, 6, 16, 16, 2
@@ -300,7 +311,7 @@ def test_custom_ops_pass_opcheck():
     f = torch.rand(B, S, H, device=DEVICE) * 0.8 + 0.1
     h0 = torch.randn(B, H, K, V, device=DEVICE)
     leaves = [x.detach().requires_grad_() for x in (q, k, v, W, f, h0)]
-    torch.library.opcheck(torch.ops.m2rnn.forward.default, (*leaves, 0.5, 2))
-    y, h, ckpt = torch.ops.m2rnn.forward.default(*(x.detach() for x in leaves), 0.5, 2)
+    torch.library.opcheck(torch.ops.m2rnn.forward.default, (*leaves, 0.5, 2, True))
+    y, h, ckpt = torch.ops.m2rnn.forward.default(*(x.detach() for x in leaves), 0.5, 2, True)
     torch.library.opcheck(torch.ops.m2rnn.backward.default,
-                          (q, k, v, W, f, ckpt, torch.randn_like(y), torch.randn_like(h), 0.5, 2))
+                          (q, k, v, W, f, ckpt, torch.randn_like(y), torch.randn_like(h), 0.5, 2, True))
