@@ -16,6 +16,7 @@ import torch
 
 import prepare_data
 import train
+from model import GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(  # a model small enough that an optimizer step takes a few milliseconds
@@ -96,6 +97,10 @@ def test_config_files_in_the_repo_parse():
     for name in sorted(f for f in os.listdir(os.path.join(REPO, "config")) if f.endswith(".py")):
         cfg = train.parse_config([os.path.join(REPO, "config", name)])
         assert len(cfg["layer_pattern"]) == cfg["n_layer"], name
+        args = {k: cfg[k] for k in train.MODEL_KEYS}
+        config = GPTConfig(**dict(args, vocab_size=256, m2rnn_grad_clip=cfg["m2rnn_grad_clip"] or None))
+        resolved = ("m2rnn_grad_clip", "pos_encoding")  # turned into None / 'rope' or 'none' by the config
+        assert all(getattr(config, k) == v for k, v in args.items() if k not in resolved), name
 
 
 def test_lr_schedule():

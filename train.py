@@ -57,7 +57,7 @@ block_size = 1024  # tokens per sequence (text); state tracking uses its rows' l
 n_layer = 12  # number of blocks
 n_embd = 768  # model width d
 n_head = 12  # attention heads (attention layers only)
-layer_pattern = "MMAMMMMMMMAM"  # one letter per layer: 'A' attention, 'M' M²RNN; exactly n_layer letters
+layer_pattern = "MMAMMMMMMMAM"  # one letter per layer: 'A' attention, 'M' M²RNN, 'G' Gated DeltaNet
 pos_encoding = "none"  # attention position encoding: 'rope', 'none' (paper's hybrids), 'auto' (rope iff all 'A')
 m2rnn_heads = 64  # H: M²RNN heads per layer
 m2rnn_k_dim = 64  # K: rows of each head's state (key dim)
@@ -68,6 +68,11 @@ m2rnn_conv_size = 4  # kernel of the causal depthwise conv on q, k, v
 m2rnn_grad_clip = 1.0  # clamp of the state gradient in the M²RNN backward (c in the spec's section 3); 0 = off
 m2rnn_impl = "auto"  # recurrence: 'auto' (Triton on CUDA, PyTorch on CPU), 'triton' or 'torch'
 m2rnn_linear = False  # ablation: True removes the tanh and fixes W = 0 (a linear RNN)
+gdn_heads = 2  # Hg: Gated DeltaNet ('G' layers) heads
+gdn_k_dim = 192  # Kg: key dim of each GDN head (n_embd / 4 here, as the paper's 256 at d = 1024)
+gdn_v_dim = 384  # Vg: value dim of each GDN head (2·Kg)
+gdn_conv_size = 4  # kernel of the GDN layer's causal depthwise conv on q, k, v
+gdn_impl = "auto"  # GDN recurrence: 'auto' (flash-linear-attention on CUDA, PyTorch on CPU), 'fla' or 'torch'
 mlp_hidden = 2048  # SwiGLU hidden size
 rope_theta = 10000.0  # RoPE base (pos_encoding='rope' only)
 dropout = 0.0  # dropout rate; 0.0 for pretraining, try 0.1+ when fine-tuning
@@ -93,8 +98,9 @@ seed = 1337  # seeds model init, data sampling and dropout
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 MODEL_KEYS = ("block_size", "n_layer", "n_embd", "n_head", "layer_pattern", "pos_encoding", "m2rnn_heads",
               "m2rnn_k_dim", "m2rnn_v_dim", "m2rnn_q_heads", "m2rnn_k_heads", "m2rnn_conv_size", "m2rnn_grad_clip",
-              "m2rnn_impl", "m2rnn_linear", "mlp_hidden", "rope_theta", "dropout")
-TRAINING_KEYS = ("dropout", "m2rnn_impl", "m2rnn_grad_clip")  # model settings that a resumed run may change
+              "m2rnn_impl", "m2rnn_linear", "gdn_heads", "gdn_k_dim", "gdn_v_dim", "gdn_conv_size", "gdn_impl",
+              "mlp_hidden", "rope_theta", "dropout")
+TRAINING_KEYS = ("dropout", "m2rnn_impl", "m2rnn_grad_clip", "gdn_impl")  # settings a resumed run may change
 CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
            "backend": ("auto", "nccl", "gloo"), "compile": ("auto", True, False)}
 CKPT_KEYS = ("model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "tokens_seen", "rng")
@@ -409,7 +415,7 @@ def _train(cfg, device, rank, world, master):
         if ckpt["model_args"]["vocab_size"] != data.vocab_size:
             raise SetupError(f"{ckpt_path} has a vocabulary of {ckpt['model_args']['vocab_size']}, the dataset "
                              f"{data.dir} one of {data.vocab_size}: resume with the dataset it was trained on")
-        # the architecture as saved; dropout, m2rnn_impl and m2rnn_grad_clip (how to train it) as set now
+        # the architecture as saved; dropout, the kernels and m2rnn_grad_clip (how to train it) as set now
         saved = dict(ckpt["model_args"], **{k: model_args[k] for k in TRAINING_KEYS})
         changed = {k: (v, saved.get(k)) for k, v in model_args.items() if v != saved.get(k)}
         if changed:

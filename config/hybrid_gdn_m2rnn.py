@@ -23,8 +23,9 @@ n_embd = 768
 n_head = 12
 layer_pattern = "MGAGGGGGGGAG"
 pos_encoding = "none"
-# the GDN shape is GPTConfig's default: gdn_heads = 2, gdn_k_dim = n_embd // 4 = 192, gdn_v_dim = 2·Kg = 384
-# (train.py does not take gdn_* settings yet: it rejects names it does not know)
+gdn_heads = 2
+gdn_k_dim = 192  # n_embd / 4, as the paper's 256 at d = 1024
+gdn_v_dim = 384  # 2·Kg
 m2rnn_heads = 64
 m2rnn_k_dim = 64
 m2rnn_v_dim = 16
