@@ -201,9 +201,13 @@ class CausalSelfAttention(nn.Module):
         if pos != cache["length"]:
             raise ValueError(f"step at position {pos} but the cache holds {cache['length']} positions")
         B, d = x.shape
-        q, k, v = self._qkv(x[:, None], torch.tensor([pos], device=x.device))  # (B,nh,1,hs)
+        q, k, v = self._qkv(x[:, None], torch.full((1,), pos, device=x.device))  # (B,nh,1,hs); no host sync
         cache["k"][:, :, pos], cache["v"][:, :, pos], cache["length"] = k[:, :, 0], v[:, :, 0], pos + 1
-        y = F.scaled_dot_product_attention(q, cache["k"][:, :, :pos + 1], cache["v"][:, :, :pos + 1])  # (B,nh,1,hs)
+        # one query: softmax(q Kᵀ / √hs) V written out. SDPA here would meet a new key length at every token,
+        # and its cuDNN backend (H100/H200) builds a new plan for each: ~40 ms per token (notes in README).
+        keys, values = cache["k"][:, :, :pos + 1], cache["v"][:, :, :pos + 1]  # (B,nh,pos+1,hs)
+        att = (q @ keys.transpose(-2, -1)).float() * self.hs ** -0.5  # (B,nh,1,pos+1)
+        y = att.softmax(dim=-1).to(values.dtype) @ values  # (B,nh,1,hs)
         return self.c_proj(y.reshape(B, d))
 
 
