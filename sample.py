@@ -10,7 +10,6 @@ KV cache of block_size positions. The tokenizer is the one the training data was
 the checkpoint's config["dataset"] (and "data_root", default data/) -> data/<dataset>/meta.json ->
 prepare_data.get_tokenizer.
 """
-import ast
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ from contextlib import nullcontext
 import torch
 
 import prepare_data
+import train
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -34,41 +34,18 @@ dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 # -----------------------------------------------------------------------------
 
 
-def apply_overrides(argv, settings):
-    """--key=value for each setting; values are Python literals (strings need no quotes)."""
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            sys.exit(f"expected --key=value, got {arg!r}")
-        key, value = arg[2:].split("=", 1)
-        if key not in settings:
-            sys.exit(f"unknown setting --{key}; valid: " + ", ".join(f"--{k}" for k in settings))
-        default = settings[key]
-        if not isinstance(default, str):
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                sys.exit(f"--{key}={value}: not a Python literal")
-            numeric = isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
-            if default is not None and value is not None and not numeric and type(value) is not type(default):
-                sys.exit(f"--{key} expects a {type(default).__name__}, got {value!r}")
-            value = float(value) if numeric else value
-        if key == "top_k" and value is not None and not isinstance(value, int):
-            sys.exit(f"--top_k expects an int or None, got {value!r}")
-        settings[key] = value
-
-
-settings = {k: v for k, v in globals().items()
-            if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))}
-apply_overrides(sys.argv[1:], settings)
-globals().update(settings)
+# --key=value overrides, checked by train.py's configurator against the defaults above
+SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, float, str)}
+try:
+    globals().update(train.parse_config(sys.argv[1:], defaults=SETTINGS, optional=("top_k",),
+                                        choices={"dtype": ("float32", "bfloat16", "float16")}))
+except train.SetupError as e:
+    sys.exit(f"error: {e}")
 
 torch.manual_seed(seed)
 torch.cuda.manual_seed_all(seed)
 device_type = "cuda" if "cuda" in device else "cpu"
-dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-if dtype not in dtypes:
-    sys.exit(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-ptdtype = dtypes[dtype]
+ptdtype = getattr(torch, dtype)
 ctx = nullcontext() if device_type == "cpu" or ptdtype == torch.float32 else \
     torch.autocast(device_type=device_type, dtype=ptdtype)
 

@@ -113,27 +113,34 @@ class SetupError(RuntimeError):
 # -----------------------------------------------------------------------------------------------------------
 # Configurator: config files, then --key=value overrides, each checked against the defaults above
 
-def _checked(key, value, source):
-    if key not in DEFAULTS:
-        close = difflib.get_close_matches(key, DEFAULTS, n=1)
+def _checked(key, value, source, defaults=None, choices=None, optional=()):
+    """value for setting key, of its default's type; optional settings may also be None."""
+    defaults, choices = defaults or DEFAULTS, CHOICES if choices is None else choices
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise SetupError(f"unknown setting {key!r} ({source}).{hint} Valid settings: {', '.join(DEFAULTS)}")
-    default = DEFAULTS[key]
+        raise SetupError(f"unknown setting {key!r} ({source}).{hint} Valid settings: {', '.join(defaults)}")
+    default = defaults[key]
     if isinstance(default, tuple) and isinstance(value, list):
         value = tuple(value)
     if isinstance(default, float) and type(value) is int:  # 3 is fine where 3.0 is expected
         value = float(value)
-    if type(value) is not type(default) and not (key == "compile" and type(value) is bool):
-        raise SetupError(f"{key} must be of type {type(default).__name__} like its default {default!r}, "
-                         f"got {value!r} ({type(value).__name__}) ({source})")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise SetupError(f"{key} must be one of {CHOICES[key]}, got {value!r} ({source})")
+    if type(value) is not type(default) and not (key == "compile" and type(value) is bool) and \
+            not (key in optional and value is None):
+        raise SetupError(f"{key} must be of type {type(default).__name__} like its default {default!r}"
+                         f"{' (or None)' if key in optional else ''}, got {value!r} ({type(value).__name__}) ({source})")
+    if key in choices and value not in choices[key]:
+        raise SetupError(f"{key} must be one of {choices[key]}, got {value!r} ({source})")
     return value
 
 
-def parse_config(argv):
-    """Settings from argv: config files (plain assignments) and --key=value overrides, applied in order."""
-    cfg = dict(DEFAULTS)
+def parse_config(argv, defaults=None, choices=None, optional=()):
+    """Settings from argv: config files (plain assignments) and --key=value overrides, applied in order.
+    defaults, choices: train.py's own (DEFAULTS, CHOICES) unless given, as sample.py gives its own;
+    optional: settings that may also be set to None."""
+    defaults = defaults or DEFAULTS
+    cfg = dict(defaults)
+    check = lambda key, value, source: _checked(key, value, source, defaults, choices, optional)
     for arg in argv:
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")  # split on the first '=' only: --x=a=b sets x to 'a=b'
@@ -143,9 +150,9 @@ def parse_config(argv):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # not a Python literal: a string
-            if isinstance(DEFAULTS.get(key), str) and not isinstance(value, str) and key != "compile":
+            if isinstance(cfg.get(key), str) and not isinstance(value, str) and key != "compile":
                 value = text  # a string setting takes the text as is (--dataset=123)
-            cfg[key] = _checked(key, value, f"command line {arg!r}")
+            cfg[key] = check(key, value, f"command line {arg!r}")
         else:
             if not os.path.isfile(arg):
                 raise SetupError(f"config file not found: {arg}")
@@ -154,7 +161,7 @@ def parse_config(argv):
                 exec(builtins.compile(f.read(), arg, "exec"), namespace)  # `compile` is a setting here
             for key, value in namespace.items():
                 if not key.startswith("_") and not isinstance(value, types.ModuleType):
-                    cfg[key] = _checked(key, value, f"config file {arg}")
+                    cfg[key] = check(key, value, f"config file {arg}")
     return cfg
 
 
