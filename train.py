@@ -382,6 +382,8 @@ def train(cfg):
         dist.init_process_group(backend=backend)
     try:
         _train(cfg, device, rank, world, master)
+        if ddp:  # all processes done (the master may still be writing the checkpoint) before the group goes:
+            dist.barrier()  # a process tearing gloo down alone once aborted at exit in CI
     finally:
         if ddp:
             dist.destroy_process_group()
