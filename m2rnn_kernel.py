@@ -466,7 +466,9 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
     (B,H,K,V) in float32. grad_clip=c clamps the gradient reaching every state to [-c, c]
     (spec §3). impl: "triton" (the chunked kernel), "torch" (the reference loop) or "auto"
     (Triton on CUDA tensors, the reference elsewhere). nonlinear=False drops the tanh of (1):
-    with W = 0 that is the linear ablation, a gated linear-attention layer.
+    with W = 0 that is the linear ablation, a gated linear-attention layer. With bf16 inputs the
+    kernel's backward keeps recomputed states in float16 (_scratch_dtype): h0 must stay within
+    float16's range (|h0| < 65504; every later state is then bounded by max(|h0|, 1)).
     """
     _check_inputs(q, k, v, W, f, h0)
     if impl == "auto":
