@@ -203,8 +203,8 @@ class CausalSelfAttention(nn.Module):
         B, d = x.shape
         q, k, v = self._qkv(x[:, None], torch.full((1,), pos, device=x.device))  # (B,nh,1,hs); no host sync
         cache["k"][:, :, pos], cache["v"][:, :, pos], cache["length"] = k[:, :, 0], v[:, :, 0], pos + 1
-        # one query: softmax(q Kᵀ / √hs) V written out. SDPA here would meet a new key length at every token,
-        # and its cuDNN backend (H100/H200) builds a new plan for each: ~40 ms per token (notes in README).
+        # one query: softmax(q Kᵀ / √hs) V written out. SDPA here meets a new key length at every token; on an
+        # H200 that cost ~40 ms per token, it seems by building a cuDNN plan per length (notes_throughput.md).
         keys, values = cache["k"][:, :, :pos + 1], cache["v"][:, :, :pos + 1]  # (B,nh,pos+1,hs)
         att = (q @ keys.transpose(-2, -1)).float() * self.hs ** -0.5  # (B,nh,1,pos+1)
         y = att.softmax(dim=-1).to(values.dtype) @ values  # (B,nh,1,hs)
@@ -226,6 +226,10 @@ class CausalConv(nn.Conv1d):
             tail = F.pad(x, (0, 0, ks - 1, 0))  # (B,ks-1+S,Ch): zeros before the sequence
             cache["conv"] = tail[:, tail.shape[1] - (ks - 1):].to(cache["conv"].dtype)  # (B,ks-1,Ch)
         return F.silu(y)
+
+    def init_cache(self, batch_size, device, dtype):
+        """cache["conv"] before the first token: the zeros the causal padding puts there, (B,ks-1,Ch)."""
+        return torch.zeros(batch_size, self.kernel_size[0] - 1, self.in_channels, device=device, dtype=dtype)
 
     def step(self, x, cache):
         """One input x (B,Ch) -> the output at its position (B,Ch); shifts cache["conv"] by one."""
@@ -283,7 +287,7 @@ class M2RNNBlock(nn.Module):
         return self._output(y, v, g)
 
     def init_cache(self, batch_size, device, dtype):
-        return {"conv": torch.zeros(batch_size, self.ks - 1, self.Ch, device=device, dtype=dtype),  # (B,ks-1,Ch)
+        return {"conv": self.conv.init_cache(batch_size, device, dtype),  # (B,ks-1,Ch)
                 "h": torch.zeros(batch_size, self.H, self.K, self.V, device=device, dtype=torch.float32)}  # (B,H,K,V)
 
     def step(self, x, cache, pos):
@@ -377,7 +381,7 @@ class GatedDeltaNet(nn.Module):
         return self._output(o, gate)
 
     def init_cache(self, batch_size, device, dtype):
-        return {"conv": torch.zeros(batch_size, self.ks - 1, self.Ch, device=device, dtype=dtype),  # (B,ks-1,Ch)
+        return {"conv": self.conv.init_cache(batch_size, device, dtype),  # (B,ks-1,Ch)
                 "S": torch.zeros(batch_size, self.Hg, self.Kg, self.Vg, device=device, dtype=torch.float32)}
 
     def step(self, x, cache, pos):
