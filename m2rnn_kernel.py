@@ -167,20 +167,23 @@ def _m2rnn_fwd_kernel(
         b_h = tl.zeros([BK, V], dtype=tl.float32)
 
     n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, 0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
-    for t in range(S):
-        b_q, b_k, b_v, b_f = n_q, n_k, n_v, n_f
-        # load the next step's inputs now, so their latency hides behind this step's math
-        n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 1, S - 1), stride_qs, stride_ks,
-                                        stride_vs, stride_fs, m_k)
-        if t % C == 0:
-            # checkpoint: the state before step t, from which the backward recomputes the chunk
-            tl.store(p_ckpt + (t // C) * K * V, b_h, mask=m_kv)
-        b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)  # (1)
-        # (2) H_t = f_t H_{t-1} + (1 − f_t) Z_t
-        b_h = b_f * b_h + (1.0 - b_f) * b_z
-        # (3) y_t = H_tᵀ q_t over this program's rows: added over row blocks when NB > 1
-        b_y = tl.sum(b_q[:, None] * b_h, axis=0)  # (V,)
-        _store_or_add(p_y + t * H * V, b_y, m_v, Y_ATOMIC)
+    for i_c in range(NC):
+        # checkpoint: the state before the chunk, from which the backward recomputes it. Stored here,
+        # outside the step loop: inside it, under `if t % C == 0`, the state's conversion to the
+        # store's layout ran on every step (notes_kernel.md, v4)
+        tl.store(p_ckpt + i_c * K * V, b_h, mask=m_kv)
+        for j in range(tl.minimum(C, S - i_c * C)):
+            t = i_c * C + j
+            b_q, b_k, b_v, b_f = n_q, n_k, n_v, n_f
+            # load the next step's inputs now, so their latency hides behind this step's math
+            n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 1, S - 1), stride_qs, stride_ks,
+                                            stride_vs, stride_fs, m_k)
+            b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)  # (1)
+            # (2) H_t = f_t H_{t-1} + (1 − f_t) Z_t
+            b_h = b_f * b_h + (1.0 - b_f) * b_z
+            # (3) y_t = H_tᵀ q_t over this program's rows: added over row blocks when NB > 1
+            b_y = tl.sum(b_q[:, None] * b_h, axis=0)  # (V,)
+            _store_or_add(p_y + t * H * V, b_y, m_v, Y_ATOMIC)
     tl.store(HT + o_state, b_h, mask=m_kv)
 
 
