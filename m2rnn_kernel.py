@@ -166,7 +166,11 @@ def _m2rnn_fwd_kernel(
     else:
         b_h = tl.zeros([BK, V], dtype=tl.float32)
 
+    # inputs are loaded two steps ahead of their use (n_: next step, nn_: the one after), so that
+    # their latency hides behind two steps of math; one step ahead was 4-14% slower (notes_kernel.md)
     n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, 0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
+    nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(1, S - 1), stride_qs, stride_ks, stride_vs,
+                                        stride_fs, m_k)
     for i_c in range(NC):
         # checkpoint: the state before the chunk, from which the backward recomputes it. Stored here,
         # outside the step loop: inside it, under `if t % C == 0`, the state's conversion to the
@@ -175,9 +179,9 @@ def _m2rnn_fwd_kernel(
         for j in range(tl.minimum(C, S - i_c * C)):
             t = i_c * C + j
             b_q, b_k, b_v, b_f = n_q, n_k, n_v, n_f
-            # load the next step's inputs now, so their latency hides behind this step's math
-            n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 1, S - 1), stride_qs, stride_ks,
-                                            stride_vs, stride_fs, m_k)
+            n_q, n_k, n_v, n_f = nn_q, nn_k, nn_v, nn_f
+            nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 2, S - 1), stride_qs, stride_ks,
+                                                stride_vs, stride_fs, m_k)
             b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)  # (1)
             # (2) H_t = f_t H_{t-1} + (1 − f_t) Z_t
             b_h = b_f * b_h + (1.0 - b_f) * b_z
