@@ -3,7 +3,7 @@
 # (config/gpt.py, hybrid.py, hybrid_gdn.py, hybrid_gdn_m2rnn.py) trained on the same tokens with the same budget,
 # one model per GPU, all at once; then the table and the plot (compare_runs.py).
 #
-#   bash run_baselines.sh                               # all four, on a 4-GPU machine: ~6.5 minutes
+#   bash run_baselines.sh                               # all four, on a 4-GPU machine: ~7.5 minutes
 #   bash run_baselines.sh gpt hybrid                    # some of them (names of config/*.py)
 #   ITERS=1000 RUN_LIMIT=480 bash run_baselines.sh      # another budget; stop any run still going after 480 s
 #
@@ -16,9 +16,9 @@
 # every model and every evaluation). Seed 1337 (train.py's default; SEED=... for another): every model draws the
 # same batches in the same order.
 #
-# Timing (estimated): on one H200 the hybrid takes ~85 ms per step at 12 x 1024 tokens (README: 145k tokens/s),
-# GPT ~31 ms, the GDN hybrids assumed at most like the hybrid; 3000 steps of the hybrid = ~4.3 min, plus ~1 min of
-# compilation, ~10 s of evaluations and ~20 s of checkpoints: ~6 minutes for the slowest run, all four in parallel.
+# Timing (4 x H200, 2026-11-28): per step GPT 23 ms, the hybrid 76 ms, the GDN hybrids ~75 ms; the GDN runs first
+# spend ~3 minutes in fla's autotuning and tilelang's compilation (~1 minute for the others): ~5 minutes for the
+# hybrid, ~7.5 for the GDN hybrids, all four in parallel.
 # Fewer GPUs than models: the runs share them (GPU = position mod number of GPUs) and take longer; lower ITERS.
 # GDN on CUDA needs flash-linear-attention, and on Hopper with Triton < 3.7.1 also tilelang (README, GDN section).
 set -euo pipefail
