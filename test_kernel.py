@@ -206,16 +206,30 @@ def test_kernel_non_contiguous_inputs(poisoned):
         assert rel_err(out, ref) <= 1e-4
 
 
-def test_kernel_without_state_gradient():
-    """Only y used: the last state's gradient is None inside the op, not an error."""
+@pytest.mark.parametrize("used", ["y", "h_last"])
+def test_kernel_with_one_output_unused(used, monkeypatch):
+    """Only y used (training) or only the last state: the unused output's gradient reaches the op's
+    backward as None (no zeros allocated; the checkpoints' never has one), and the gradients match."""
     q, k, v, W, f, h0 = make_inputs(1, 5, 16, 16, (1, 1, 2, 2, 2), torch.float32)
     leaves = [x.requires_grad_() for x in (q, k, v, W, f)]
-    y, _ = m2rnn(*leaves, impl="triton", chunk=2)
-    g = torch.autograd.grad(y.sum(), leaves)
+    seen = []
+
+    def spy(q, k, v, W, f, ckpt, dy, dh_last, *rest):
+        seen.append(dh_last is None)
+        return backward_op(q, k, v, W, f, ckpt, dy, dh_last, *rest)
+
+    backward_op = m2rnn_kernel._backward_op
+    monkeypatch.setattr(m2rnn_kernel, "_backward_op", spy)
+    pick = 0 if used == "y" else 1
+    g = torch.autograd.grad(m2rnn(*leaves, impl="triton", chunk=2)[pick].sum(), leaves)
     ref = [x.detach().double().requires_grad_() for x in leaves]
-    g_ref = torch.autograd.grad(m2rnn_reference(*ref)[0].sum(), ref)
+    g_ref = torch.autograd.grad(m2rnn_reference(*ref)[pick].sum(), ref, allow_unused=True)
+    assert seen == [used == "y"]
     for a, b in zip(g, g_ref):
-        assert rel_err(a, b) <= 1e-4
+        if b is None:  # q does not reach the last state
+            assert used == "h_last" and a is not None and not a.any()
+        else:
+            assert rel_err(a, b) <= 1e-4
 
 
 def test_kernel_under_torch_compile_fullgraph():
