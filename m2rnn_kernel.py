@@ -34,8 +34,17 @@ import os
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton for this platform (macOS): m2rnn() runs the PyTorch reference only
+    from types import SimpleNamespace
+    triton = SimpleNamespace(jit=lambda fn: fn)  # the kernels below are defined but never launched
+    tl = SimpleNamespace(constexpr=None)
+    HAVE_TRITON = False
+else:
+    HAVE_TRITON = True
 
 DEFAULT_CHUNK = 64  # steps between two stored states (C)
 
@@ -478,7 +487,8 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
     h0 (B,H,K,V) or None (zeros). Returns y (B,S,H,V) in q's dtype and the last state
     (B,H,K,V) in float32. grad_clip=c clamps the gradient reaching every state to [-c, c]
     (spec §3). impl: "triton" (the chunked kernel), "torch" (the reference loop) or "auto"
-    (Triton on CUDA tensors, the reference elsewhere). nonlinear=False drops the tanh of (1):
+    (Triton on CUDA tensors, the reference elsewhere; without the triton package, as on macOS,
+    only the reference). nonlinear=False drops the tanh of (1):
     with W = 0 that is the linear ablation, a gated linear-attention layer. With bf16 inputs the
     kernel's backward keeps recomputed states in float16 (_scratch_dtype): h0 must stay within
     float16's range (|h0| < 65504; every later state is then bounded by max(|h0|, 1)).
@@ -490,6 +500,9 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
         return m2rnn_reference(q, k, v, W, f, h0, grad_clip, nonlinear)
     if impl != "triton":
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if not HAVE_TRITON:
+        raise RuntimeError("impl='triton' needs the triton package (pip install triton; there is no wheel for "
+                           "macOS): use impl='torch', the reference loop")
     if not q.is_cuda and not _interpreting():
         raise RuntimeError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 (set before "
                            "importing triton) to run on the CPU; use impl='torch' for the reference")

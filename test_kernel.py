@@ -8,6 +8,9 @@ Without a GPU the kernel runs on CPU tensors through Triton's interpreter (conft
 TRITON_INTERPRET=1), so those shapes are small. The tests marked `gpu` run on CUDA only.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from m2rnn_kernel import m2rnn, m2rnn_reference, m2rnn_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_triton = pytest.mark.skipif(not m2rnn_kernel.HAVE_TRITON, reason="needs triton (pip install triton)")
 
 
 def rel_err(x, ref):
@@ -152,6 +156,39 @@ def test_bad_shapes_give_clear_errors():
         m2rnn(q, k, v, W, f, impl="cuda")
 
 
+WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # as on macOS, where pip has no Triton: `import triton` raises ImportError
+import torch
+import m2rnn_kernel as mk
+from model import GPT, GPTConfig
+assert not mk.HAVE_TRITON
+x = [torch.randn(1, 6, 1, 16), torch.randn(1, 6, 1, 16), torch.randn(1, 6, 2, 16), torch.eye(16).repeat(2, 1, 1),
+     torch.rand(1, 6, 2)]
+assert torch.equal(mk.m2rnn(*x)[0], mk.m2rnn_reference(*x)[0])  # 'auto' on the CPU: the reference
+try:
+    mk.m2rnn(*x, impl="triton")
+    raise SystemExit("impl='triton' ran without Triton")
+except RuntimeError as e:
+    assert "pip install triton" in str(e) and "impl='torch'" in str(e), e
+model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_embd=32, n_head=2, layer_pattern="MA",
+                      m2rnn_heads=2, m2rnn_k_dim=16, m2rnn_v_dim=16, mlp_hidden=64))
+idx = torch.randint(0, 32, (2, 16))
+model(idx, idx)[1].backward()
+print("ok")
+"""
+
+
+def test_without_triton_the_reference_runs():
+    """Where Triton cannot be installed (macOS) the module still imports, the model trains on the reference
+    loop, and impl='triton' says what to do instead."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=here, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "ok", result.stderr[-2000:]
+
+
 # -----------------------------------------------------------------------------
 # the Triton kernel against the float64 reference (interpreter on CPU, real kernel on GPU)
 
@@ -167,6 +204,7 @@ CASES = {  # id: (B, S, K, V, (Hq, Hk, Hv, Hf, Hw), h0, grad_clip, chunk)
 }
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_kernel_matches_reference(case, dtype, poisoned):
@@ -180,6 +218,7 @@ def test_kernel_matches_reference(case, dtype, poisoned):
     assert outs[0].dtype == dtype and outs[1].dtype == torch.float32
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernel_linear_ablation_matches_reference(dtype, poisoned):
     """nonlinear=False (no tanh; the model's linear ablation also sets W = 0, tested here with a
@@ -191,6 +230,7 @@ def test_kernel_linear_ablation_matches_reference(dtype, poisoned):
         assert rel_err(out, ref) <= tol, f"{name}: relative error {rel_err(out, ref):.2e} > {tol}"
 
 
+@needs_triton
 def test_kernel_non_contiguous_inputs(poisoned):
     """q, k, v as slices of one projection, f as a strided view: the kernel reads strides."""
     B, S, K, V, H = 2, 6, 16, 16, 2
@@ -206,6 +246,7 @@ def test_kernel_non_contiguous_inputs(poisoned):
         assert rel_err(out, ref) <= 1e-4
 
 
+@needs_triton
 @pytest.mark.parametrize("used", ["y", "h_last"])
 def test_kernel_with_one_output_unused(used, monkeypatch):
     """Only y used (training) or only the last state: the unused output's gradient reaches the op's
@@ -232,6 +273,7 @@ def test_kernel_with_one_output_unused(used, monkeypatch):
             assert rel_err(a, b) <= 1e-4
 
 
+@needs_triton
 def test_kernel_under_torch_compile_fullgraph():
     """The op traces with no graph break, forward and backward (aot_eager keeps it quick on CPU)."""
     q, k, v, W, f, h0 = make_inputs(1, 5, 16, 16, (1, 1, 2, 2, 2), torch.float32)
@@ -312,6 +354,7 @@ def test_gpu_compiled_hybrid_training_step_matches_eager():
         assert rel_err(g_c, g_e) <= 1e-3, name
 
 
+@needs_triton
 def test_custom_ops_pass_opcheck():
     """torch.library.opcheck: schema, fake (shape and stride) implementations and autograd
     registration agree with the real ops, on non-contiguous inputs as a model produces them:
