@@ -24,7 +24,6 @@ Decoding (eager, batch gen_batch_size): a prefill of p random tokens, then gen_s
 their median, cache MiB the attention keys/values up to p plus the M²RNN states. Peak GiB: training, the whole
 run of a model; decoding, the timed steps (weights and the cache, allocated for the last position).
 """
-import ast
 import difflib
 import gc
 import json
@@ -72,36 +71,26 @@ SetupError = train.SetupError
 
 
 def parse_args(argv):
-    """Bench settings (typed like their defaults) and the list of --key=value overrides of the configs."""
-    settings, overrides = dict(BENCH), []
+    """Bench settings and the list of --key=value overrides of the configs, each checked by train.py's
+    configurator: against BENCH's defaults, and against train.py's settings."""
+    ours, overrides = [], []
     for arg in argv:
         key, sep, text = arg[2:].partition("=")
         if not arg.startswith("--") or not sep:
             raise SetupError(f"expected --key=value, got {arg!r}")
-        if key in OVERRIDABLE:
-            train.parse_config([arg])  # train.py's checks of the value; raises SetupError
-            overrides.append(arg)
-        elif key in BENCH:
-            default = BENCH[key]
-            try:
-                value = text if isinstance(default, str) else ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = None
-            value = (value,) if isinstance(default, tuple) and type(value) is int else value
-            if type(value) is not type(default):
-                raise SetupError(f"--{key} must be a {type(default).__name__} like its default {default!r}, "
-                                 f"got {text!r}")
-            settings[key] = value
-        else:
+        if key not in BENCH and key not in OVERRIDABLE:
             close = difflib.get_close_matches(key, [*BENCH, *OVERRIDABLE], n=1)
             raise SetupError(f"unknown setting {key!r}.{f' Did you mean {close[0]!r}?' if close else ''} Bench "
                              f"settings: {', '.join(BENCH)}; overrides of the configs: {', '.join(OVERRIDABLE)}")
+        if key == "gen_positions" and "," not in text:
+            arg += ","  # one position is a tuple too: --gen_positions=128
+        (ours if key in BENCH else overrides).append(arg)
+    train.parse_config(overrides)  # train.py's checks of the values; raises SetupError
+    settings = train.parse_config(ours, defaults=BENCH, choices={"mode": ("train", "generate", "all")})
     for key in ("models", "gen_models"):
         unknown = [m for m in settings[key].split(",") if m not in MODELS]
         if unknown:
             raise SetupError(f"--{key}: unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    if settings["mode"] not in ("train", "generate", "all"):
-        raise SetupError(f"--mode must be 'train', 'generate' or 'all', got {settings['mode']!r}")
     if not all(type(p) is int and p > 0 for p in settings["gen_positions"]):
         raise SetupError(f"--gen_positions must be positive ints, got {settings['gen_positions']!r}")
     return settings, overrides

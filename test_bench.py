@@ -63,16 +63,23 @@ def test_models_from_the_configs_at_equal_size():
     assert args["layer_pattern"] == "MMA" and args["n_layer"] == 3
 
 
+def test_flags_are_typed_like_their_defaults():
+    s, overrides = bench.parse_args(["--steps=3", "--mode=train", "--gen_positions=128", "--n_layer=3", "--out=o"])
+    assert (s["steps"], s["mode"], s["gen_positions"], s["out"]) == (3, "train", (128,), "o")
+    assert overrides == ["--n_layer=3"]
+    assert bench.parse_args(["--gen_positions=8,16"])[0]["gen_positions"] == (8, 16)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--step=3"], r"unknown setting 'step'\. Did you mean 'steps'\?"),
     (["--learning_rate=1e-3"], "unknown setting 'learning_rate'.*overrides of the configs: block_size"),
     (["--layer_pattern=MA"], "unknown setting 'layer_pattern'"),
-    (["--steps=2.5"], "--steps must be a int like its default 20"),
-    (["--gen_positions=8,x"], "--gen_positions must be a tuple"),
+    (["--steps=2.5"], "steps must be of type int like its default 20, got 2.5"),
+    (["--gen_positions=8,x"], "gen_positions must be of type tuple"),
     (["--gen_positions=0,8"], "--gen_positions must be positive ints"),
     (["--n_layer=three"], "n_layer must be of type int"),
     (["--models=gpt,gtp"], r"unknown model\(s\) \['gtp'\]"),
-    (["--mode=both"], "--mode must be 'train', 'generate' or 'all'"),
+    (["--mode=both"], r"mode must be one of \('train', 'generate', 'all'\), got 'both'"),
     (["--steps"], "expected --key=value"),
 ], ids=["typo", "train-only-setting", "pattern", "float-for-int", "bad-tuple", "zero-position", "bad-override",
         "bad-model", "bad-mode", "no-value"])
