@@ -233,24 +233,8 @@ def tables(header, train_rows, gen_rows, base):
 def main(argv):
     s, overrides = parse_args(argv)
     system = train.parse_config(overrides)  # device, dtype, compile, backend, threads
-    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun, as train.py
-    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
-                               int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
-    name = system["device"] if system["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SetupError(f"device={name!r} but torch sees no GPU: use --device=cpu")
-    device = torch.device(f"cuda:{local_rank}" if ddp and name == "cuda" else name)
-    if device.type == "cuda":
-        if device.index is not None:
-            torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if system["threads"] > 0:
-        torch.set_num_threads(system["threads"])
-    dtype = system["dtype"] if system["dtype"] != "auto" else (
-        "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    ptdtype = getattr(torch, dtype)
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=ptdtype)
-    use_compile = system["compile"] if system["compile"] != "auto" else device.type == "cuda"
+    ddp, rank, world, device = train.processes_and_device(system)  # as train.py: torchrun's processes, the GPU
+    dtype, autocast, use_compile = train.precision(system, device)
     base = {}
     if s["baseline"]:
         if not os.path.isfile(s["baseline"]):
@@ -258,8 +242,7 @@ def main(argv):
         with open(s["baseline"]) as f:
             base = {r["model"]: r["tokens_per_s"] for r in json.load(f)["train"]}
     if ddp:
-        dist.init_process_group(backend=system["backend"] if system["backend"] != "auto" else
-                                ("nccl" if device.type == "cuda" else "gloo"))
+        train.init_process_group(system, device)
     try:
         train_rows, gen_rows = [], []
         with nullcontext() if rank == 0 else redirect_stdout(open(os.devnull, "w")):  # one process prints
@@ -274,7 +257,7 @@ def main(argv):
             elif s["mode"] in ("generate", "all"):
                 for m in s["gen_models"].split(","):
                     cfg, args = model_args(m, overrides, s)
-                    gen_rows += bench_generate(m, cfg, args, s, device, autocast, ptdtype)
+                    gen_rows += bench_generate(m, cfg, args, s, device, autocast, getattr(torch, dtype))
                     free(device)
         if rank == 0:
             gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -358,17 +358,12 @@ def format_time(seconds):
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train(cfg):
-    """Train with the settings cfg (a dict like DEFAULTS). Under torchrun, one call per process."""
-    # processes and devices
+def processes_and_device(cfg):
+    """torchrun's processes (one process without it) and this process's device, from the settings cfg ('auto'
+    resolved); selects the GPU and sets the CPU threads. Returns ddp, rank, world, device."""
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, local_rank, world = ((int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
                                if ddp else (0, 0, 1))
-    master = rank == 0
-    G = cfg["gradient_accumulation_steps"]
-    if G % world:
-        raise SetupError(f"gradient_accumulation_steps={G} must be a multiple of the number of processes ({world}): "
-                         f"each process runs gradient_accumulation_steps / {world} micro-batches per step")
     name = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SetupError(f"device={name!r} but torch sees no GPU: use --device=cpu")
@@ -377,11 +372,39 @@ def train(cfg):
         torch.cuda.set_device(device)
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
+    return ddp, rank, world, device
+
+
+def init_process_group(cfg, device):
+    backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend=backend)
+
+
+def precision(cfg, device):
+    """(dtype name, autocast context, whether to torch.compile) from the settings cfg, 'auto' resolved; TF32
+    matmuls on CUDA."""
+    dtype = cfg["dtype"]
+    if dtype == "auto":
+        dtype = "float32" if device.type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    use_compile = cfg["compile"] if cfg["compile"] != "auto" else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dtype, autocast, use_compile
+
+
+def train(cfg):
+    """Train with the settings cfg (a dict like DEFAULTS). Under torchrun, one call per process."""
+    ddp, rank, world, device = processes_and_device(cfg)
+    G = cfg["gradient_accumulation_steps"]
+    if G % world:
+        raise SetupError(f"gradient_accumulation_steps={G} must be a multiple of the number of processes ({world}): "
+                         f"each process runs gradient_accumulation_steps / {world} micro-batches per step")
     if ddp:
-        backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend)
+        init_process_group(cfg, device)
     try:
-        _train(cfg, device, rank, world, master)
+        _train(cfg, device, rank, world, rank == 0)
         if ddp:  # all processes done (the master may still be writing the checkpoint) before the group goes:
             dist.barrier()  # a process tearing gloo down alone once aborted at exit in CI
     finally:
@@ -393,15 +416,7 @@ def _train(cfg, device, rank, world, master):
     log = print if master else (lambda *a, **k: None)
     G = cfg["gradient_accumulation_steps"]
     micro_steps = G // world  # per process
-    dtype = cfg["dtype"]
-    if dtype == "auto":
-        dtype = "float32" if device.type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    autocast = (nullcontext() if dtype == "float32"
-                else torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]))
-    use_compile = cfg["compile"] if cfg["compile"] != "auto" else device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    dtype, autocast, use_compile = precision(cfg, device)
 
     # data: every process draws the same indices (same seed) and keeps its own slice of the global batch
     data_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), cfg["data_root"])  # kept if absolute
