@@ -104,6 +104,7 @@ def format_table(label, meta, rows):
 
 def evaluate_out_dir(args):
     from model import GPT  # here, so that --plot does not need torch's model code
+    from train import resolve_dtype
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     try:
@@ -112,9 +113,7 @@ def evaluate_out_dir(args):
         raise EvalError(str(e)) from e
     train_config = info.get("config", {})
     data_dir = args.data_dir or data_dir_of(train_config)
-    dtype = args.dtype
-    if dtype == "auto":  # as train.py: bfloat16 on a GPU that has it
-        dtype = "float32" if device.type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    dtype = resolve_dtype(args.dtype, device)  # as train.py
     autocast = None if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
     label = args.label or model_label(info["model_args"])
     t0 = time.time()

@@ -380,12 +380,17 @@ def init_process_group(cfg, device):
     dist.init_process_group(backend=backend)
 
 
+def resolve_dtype(dtype, device):
+    """dtype 'auto': bfloat16 on a GPU that has it, else float16; float32 on the CPU. Other names as given."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if device.type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+
+
 def precision(cfg, device):
     """(dtype name, autocast context, whether to torch.compile) from the settings cfg, 'auto' resolved; TF32
     matmuls on CUDA."""
-    dtype = cfg["dtype"]
-    if dtype == "auto":
-        dtype = "float32" if device.type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    dtype = resolve_dtype(cfg["dtype"], device)
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
     use_compile = cfg["compile"] if cfg["compile"] != "auto" else device.type == "cuda"
     if device.type == "cuda":
