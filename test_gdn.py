@@ -15,14 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, FLA_MISSING, GatedDeltaNet, GPTConfig, gated_delta_rule, gated_delta_rule_reference
+from test_model import rel_err
 
 VOCAB = 61
-
-
-def rel_err(a, b):
-    err = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-    assert math.isfinite(err), "NaN or inf"
-    return err
 
 
 def tiny(layer_pattern, **overrides):
