@@ -24,9 +24,10 @@ The kernel, in reading order:
     in registers for the whole sequence. Every C steps it writes the state to a checkpoint
     buffer (B,H,NC,K,V) with NC = ceil(S/C): that is all the backward needs.
   * backward: chunks in reverse order. For each chunk the program reloads the checkpoint,
-    recomputes the chunk's states forward (storing H_{t-1} and Z_t in a small per-program
-    scratch of C steps), then walks the chunk backward with the equations of the spec §3.
-    Memory is O(S/C + C) states instead of O(S): no buffer of all S states ever exists.
+    recomputes the chunk's states forward (storing H_{t-1} in a small per-program scratch of
+    C steps), then walks the chunk backward with the equations of the spec §3, recomputing
+    Z_t from H_{t-1} on the way. Memory is O(S/C + C) states instead of O(S): no buffer of
+    all S states ever exists. Checkpoints and scratch are float16 for bf16 inputs.
   * the `torch.library` custom ops and their autograd, so torch.compile traces through.
   * `m2rnn(...)`, the public function, and `m2rnn_reference(...)`, a literal loop.
 """
@@ -80,17 +81,32 @@ def _tanh(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _bf16_parts(x, EMULATED: tl.constexpr):
+def _bf16_parts(x, EMULATED: tl.constexpr, PACKED_CVT: tl.constexpr):
     """x ≈ hi + lo with hi, lo in bf16; float32 copies of them when EMULATED."""
-    hi = x.to(tl.bfloat16)
-    lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
     if EMULATED:
-        hi, lo = hi.to(tl.float32), lo.to(tl.float32)
-    return hi, lo
+        hi = x.to(tl.bfloat16)
+        lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+        return hi.to(tl.float32), lo.to(tl.float32)
+    elif PACKED_CVT:
+        hi = _to_bf16_packed(x)
+        lo = _to_bf16_packed(x - hi.to(tl.float32))
+        return hi, lo
+    else:
+        hi = x.to(tl.bfloat16)
+        lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+        return hi, lo
 
 
 @triton.jit
-def _matmul(a, b, PRECISION: tl.constexpr):
+def _to_bf16_packed(x):
+    # two elements per instruction (F2FP): Triton's own conversion here is one element per F2F,
+    # which shares the special-function unit's pipe with tanh.approx (notes_kernel.md, v5)
+    return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x],
+                                     dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _matmul(a, b, PRECISION: tl.constexpr, PACKED_CVT: tl.constexpr = False):
     """a @ b for float32 blocks. "ieee" is tl.dot's exact mode. "bf16x3" splits each operand into
     bf16 high and low parts and keeps three of the four products (error ~2^-16): the tensor cores
     then take bf16 operands. "bf16" keeps the high parts only (error ~2^-9), for sums whose terms'
@@ -100,8 +116,8 @@ def _matmul(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         EMULATED: tl.constexpr = PRECISION == "bf16x3-emulated" or PRECISION == "bf16-emulated"
-        a_hi, a_lo = _bf16_parts(a, EMULATED)
-        b_hi, b_lo = _bf16_parts(b, EMULATED)
+        a_hi, a_lo = _bf16_parts(a, EMULATED, PACKED_CVT)
+        b_hi, b_lo = _bf16_parts(b, EMULATED, PACKED_CVT)
         if PRECISION == "bf16x3" or PRECISION == "bf16x3-emulated":
             acc = tl.dot(a_lo, b_hi, out_dtype=tl.float32, input_precision="ieee")
             acc = tl.dot(a_hi, b_lo, acc, out_dtype=tl.float32, input_precision="ieee")
@@ -111,9 +127,10 @@ def _matmul(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _candidate(b_h, b_w, b_k, b_v, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr):
+def _candidate(b_h, b_w, b_k, b_v, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr,
+               PACKED_CVT: tl.constexpr = False):
     """(1) Z_t = tanh(H_{t-1} W + k_t v_tᵀ); without the tanh for the linear ablation."""
-    b_a = _matmul(b_h, b_w, PRECISION) + b_k[:, None] * b_v[None, :]
+    b_a = _matmul(b_h, b_w, PRECISION, PACKED_CVT) + b_k[:, None] * b_v[None, :]
     if NONLINEAR:
         b_a = _tanh(b_a, FAST_TANH)
     return b_a
@@ -150,7 +167,7 @@ def _m2rnn_fwd_kernel(
     H: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, HF: tl.constexpr,
     HW: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
     HAS_H0: tl.constexpr, Y_ATOMIC: tl.constexpr, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
-    NONLINEAR: tl.constexpr,
+    NONLINEAR: tl.constexpr, PACKED_CVT: tl.constexpr,
 ):
     """One program: rows [i_k·BK, (i_k+1)·BK) of the state of head i_h in batch i_b.
     Head i_h reads head i_h // (H // HX) of a tensor with HX heads."""
@@ -180,23 +197,27 @@ def _m2rnn_fwd_kernel(
     n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, 0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
     nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(1, S - 1), stride_qs, stride_ks, stride_vs,
                                         stride_fs, m_k)
+    b_q_prev = tl.zeros([BK], dtype=tl.float32)  # q of the step before (none before step 0)
     for i_c in range(NC):
         # checkpoint: the state before the chunk, from which the backward recomputes it. Stored here,
         # outside the step loop: inside it, under `if t % C == 0`, the state's conversion to the
         # store's layout ran on every step (notes_kernel.md, v4)
-        tl.store(p_ckpt + i_c * K * V, b_h, mask=m_kv)
+        tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)
         for j in range(tl.minimum(C, S - i_c * C)):
             t = i_c * C + j
             b_q, b_k, b_v, b_f = n_q, n_k, n_v, n_f
             n_q, n_k, n_v, n_f = nn_q, nn_k, nn_v, nn_f
             nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 2, S - 1), stride_qs, stride_ks,
                                                 stride_vs, stride_fs, m_k)
-            b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)  # (1)
+            b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR, PACKED_CVT)  # (1)
+            # (3) for the step before, y_{t-1} = H_{t-1}ᵀ q_{t-1}: its reduction overlaps this step's chain
+            b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)  # (V,)
+            _store_or_add(p_y + (t - 1) * H * V, b_y, o_v < tl.minimum(t, 1) * V, Y_ATOMIC)  # none at t=0
+            b_q_prev = b_q
             # (2) H_t = f_t H_{t-1} + (1 − f_t) Z_t
             b_h = b_f * b_h + (1.0 - b_f) * b_z
-            # (3) y_t = H_tᵀ q_t over this program's rows: added over row blocks when NB > 1
-            b_y = tl.sum(b_q[:, None] * b_h, axis=0)  # (V,)
-            _store_or_add(p_y + t * H * V, b_y, m_v, Y_ATOMIC)
+    b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)  # the last step's read-out
+    _store_or_add(p_y + (S - 1) * H * V, b_y, m_v, Y_ATOMIC)
     tl.store(HT + o_state, b_h, mask=m_kv)
 
 
@@ -238,8 +259,8 @@ def _m2rnn_bwd_kernel(
     o_state = (i_bh * K + o_k[:, None]) * V + o_v[None, :]
     o_tile = o_k[:, None] * V + o_v[None, :]  # offsets in one (K,V) state
     p_ckpt = CKPT + i_bh * NC * K * V + o_tile
-    # this program's scratch: C recomputed steps of (H_{t-1}, Z_t), each a (BK,V) block
-    p_scr = SCRATCH + (i_bh * NB + i_k) * C * 2 * BK * V + tl.arange(0, BK)[:, None] * V + o_v[None, :]
+    # this program's scratch: C recomputed states H_{t-1}, each a (BK,V) block
+    p_scr = SCRATCH + (i_bh * NB + i_k) * C * BK * V + tl.arange(0, BK)[:, None] * V + o_v[None, :]
 
     b_w = tl.load(W + (i_h // (H // HW)) * V * V + o_v[:, None] * V + o_v[None, :])  # (V,V)
     if HAS_DHT:
@@ -260,7 +281,7 @@ def _m2rnn_bwd_kernel(
         n_t = tl.minimum(C, S - t0)
         # recompute the chunk's states from its checkpoint, as the forward did; dq_t = H_t dy_t
         # needs no gradient from later steps, so it is done here, where H_t is at hand
-        b_h = tl.load(p_ckpt + i_c * K * V, mask=m_kv, other=0.0)
+        b_h = tl.load(p_ckpt + i_c * K * V, mask=m_kv, other=0.0).to(tl.float32)
         n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
         n_dy = tl.load(p_dy + t0 * H * V).to(tl.float32)
         for j in range(n_t):
@@ -271,8 +292,7 @@ def _m2rnn_bwd_kernel(
                                             stride_fs, m_k)
             n_dy = tl.load(p_dy + (t0 + j_n) * H * V).to(tl.float32)
             b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)
-            tl.store(p_scr + (2 * j) * BK * V, b_h.to(SCRATCH.dtype.element_ty))  # H_{t-1}
-            tl.store(p_scr + (2 * j + 1) * BK * V, b_z.to(SCRATCH.dtype.element_ty))  # Z_t
+            tl.store(p_scr + j * BK * V, b_h.to(SCRATCH.dtype.element_ty))  # H_{t-1}
             b_h = b_f * b_h + (1.0 - b_f) * b_z  # H_t
             b_dq = tl.sum(b_h * b_dy[None, :], axis=1)  # dq_t = H_t dy_t   (BK,)
             _store_or_add(p_dq + t * HQ * K, b_dq, m_k, Q_ATOMIC)
@@ -282,18 +302,18 @@ def _m2rnn_bwd_kernel(
         j = n_t - 1
         n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
         n_dy = tl.load(p_dy + (t0 + j) * H * V).to(tl.float32)
-        n_hp = tl.load(p_scr + (2 * j) * BK * V).to(tl.float32)
-        n_z = tl.load(p_scr + (2 * j + 1) * BK * V).to(tl.float32)
+        n_hp = tl.load(p_scr + j * BK * V).to(tl.float32)
         for j_r in range(n_t):
             j = n_t - 1 - j_r
             t = t0 + j
-            b_q, b_k, b_v, b_f, b_dy, b_hp, b_z = n_q, n_k, n_v, n_f, n_dy, n_hp, n_z
+            b_q, b_k, b_v, b_f, b_dy, b_hp = n_q, n_k, n_v, n_f, n_dy, n_hp
             j_n = tl.maximum(j - 1, 0)  # the step before, clamped at the chunk's start
             n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs,
                                             stride_fs, m_k)
             n_dy = tl.load(p_dy + (t0 + j_n) * H * V).to(tl.float32)
-            n_hp = tl.load(p_scr + (2 * j_n) * BK * V).to(tl.float32)  # H_{t-2}
-            n_z = tl.load(p_scr + (2 * j_n + 1) * BK * V).to(tl.float32)  # Z_{t-1}
+            n_hp = tl.load(p_scr + j_n * BK * V).to(tl.float32)  # H_{t-2}
+            # Z_t again from H_{t-1}: off the chain through G, and half the scratch traffic of storing it
+            b_z = _candidate(b_hp, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)
 
             # G_t = G + q_t dy_tᵀ: everything that reaches H_t, then clipped (spec §3)
             b_g = b_g + b_q[:, None] * b_dy[None, :]
@@ -348,11 +368,13 @@ def _dw_precision(precision):
     return {"bf16x3": "bf16", "bf16x3-emulated": "bf16-emulated"}.get(precision, precision)
 
 
-def _scratch_dtype(dtype):
-    """The backward's scratch of recomputed H_{t-1}, Z_t, read once each. Its traffic dominates the
-    backward (notes_kernel.md), so bf16 inputs keep it in float16: |Z| < 1, and H_t, a running
-    convex mix of Z's and h0, stays within max(|h0|, 1), where float16 has 11 significant bits,
-    4 times bf16's. fp32 inputs keep float32."""
+def _state_copy_dtype(dtype):
+    """The stored copies of the state: the forward's checkpoints and the backward's scratch of
+    recomputed H_{t-1}. With bf16 inputs they are float16, which halves their memory and traffic
+    (the scratch's traffic dominates the backward, notes_kernel.md): H_t, a running convex mix of
+    Z's (|Z| < 1) and h0, stays within max(|h0|, 1), where float16 has 11 significant bits, 4 times
+    bf16's; measured at S=4096, the gradients' error against float64 did not move. fp32 inputs
+    keep float32."""
     return torch.float32 if dtype == torch.float32 else torch.float16
 
 
@@ -377,13 +399,15 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear):
     NB = triton.cdiv(K, config["BK"])
     y = _output((B, S, H, V), q, atomic=NB > 1)
     h_last = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    ckpt = _empty(B, H, NC, K, V, device=q.device, dtype=torch.float32)
+    ckpt = _empty(B, H, NC, K, V, device=q.device, dtype=_state_copy_dtype(q.dtype))
     h0 = h0.float().contiguous() if h0 is not None else h_last  # dummy pointer when absent
     _m2rnn_fwd_kernel[(B * H, NB)](
         q, k, v, W.float().contiguous(), f, h0, y, h_last, ckpt,
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC,
         H=H, **heads, K=K, V=V, C=chunk, HAS_H0=h0 is not h_last, Y_ATOMIC=NB > 1, NONLINEAR=nonlinear,
-        **config,
+        # packed conversions in the forward only: in the backward they cost 18 registers, which at the
+        # 400M shape leaves room for 10 programs per SM instead of 11 (a second wave; notes_kernel.md, v7)
+        PACKED_CVT=config["PRECISION"] == "bf16x3", **config,
     )
     return y.to(q.dtype), h_last, ckpt
 
@@ -402,7 +426,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     df = _output(f.shape, f, atomic=heads["HF"] < H or NB > 1)
     dw = _empty(B, H, NB, V, V, device=q.device, dtype=torch.float32)
     dh0 = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    scratch = _empty(B * H * NB, chunk, 2, BK, V, device=q.device, dtype=_scratch_dtype(q.dtype))
+    scratch = _empty(B * H * NB, chunk, BK, V, device=q.device, dtype=_state_copy_dtype(q.dtype))
     dht = dh_last.float().contiguous() if dh_last is not None else dh0  # dummy when absent
     _m2rnn_bwd_kernel[(B * H, NB)](
         q, k, v, W.float().contiguous(), f, ckpt, dy.contiguous(), dht,
@@ -436,7 +460,7 @@ def _(q, k, v, W, f, h0, grad_clip, chunk, nonlinear):
     H, _ = _heads(q, k, v, W, f)
     NC = (S + chunk - 1) // chunk
     return (q.new_empty(B, S, H, V), q.new_empty(B, H, K, V, dtype=torch.float32),
-            q.new_empty(B, H, NC, K, V, dtype=torch.float32))
+            q.new_empty(B, H, NC, K, V, dtype=_state_copy_dtype(q.dtype)))
 
 
 @torch.library.custom_op("m2rnn::backward", mutates_args=())
