@@ -81,32 +81,23 @@ def _tanh(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _bf16_parts(x, EMULATED: tl.constexpr, PACKED_CVT: tl.constexpr):
-    """x ≈ hi + lo with hi, lo in bf16; float32 copies of them when EMULATED."""
+def _bf16_parts(x, EMULATED: tl.constexpr):
+    """x = hi + lo to ~2^-17, hi and lo in bf16 (float32 copies of them when EMULATED). hi is x
+    rounded to bf16 with integer operations (add half of bf16's last place, keep the upper 16
+    bits; ties away from zero): Triton's conversion would run one element per instruction on
+    the pipe the tanh needs (notes_kernel.md, v5, v8). x − hi is exact in float32; lo is it
+    rounded to bf16. Rounding, not truncating: truncated parts err with the sign of x, and
+    that bias adds up over the recurrence (3x the error, measured)."""
+    hi_bits = (x.to(tl.uint32, bitcast=True) + 0x8000) & 0xFFFF0000
+    hi = (hi_bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    lo = (x - hi_bits.to(tl.float32, bitcast=True)).to(tl.bfloat16)
     if EMULATED:
-        hi = x.to(tl.bfloat16)
-        lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
         return hi.to(tl.float32), lo.to(tl.float32)
-    elif PACKED_CVT:
-        hi = _to_bf16_packed(x)
-        lo = _to_bf16_packed(x - hi.to(tl.float32))
-        return hi, lo
-    else:
-        hi = x.to(tl.bfloat16)
-        lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
-        return hi, lo
+    return hi, lo
 
 
 @triton.jit
-def _to_bf16_packed(x):
-    # two elements per instruction (F2FP): Triton's own conversion here is one element per F2F,
-    # which shares the special-function unit's pipe with tanh.approx (notes_kernel.md, v5)
-    return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x],
-                                     dtype=tl.bfloat16, is_pure=True, pack=2)
-
-
-@triton.jit
-def _matmul(a, b, PRECISION: tl.constexpr, PACKED_CVT: tl.constexpr = False):
+def _matmul(a, b, PRECISION: tl.constexpr):
     """a @ b for float32 blocks. "ieee" is tl.dot's exact mode. "bf16x3" splits each operand into
     bf16 high and low parts and keeps three of the four products (error ~2^-16): the tensor cores
     then take bf16 operands. "bf16" keeps the high parts only (error ~2^-9), for sums whose terms'
@@ -116,8 +107,8 @@ def _matmul(a, b, PRECISION: tl.constexpr, PACKED_CVT: tl.constexpr = False):
         return tl.dot(a, b, input_precision="ieee")
     else:
         EMULATED: tl.constexpr = PRECISION == "bf16x3-emulated" or PRECISION == "bf16-emulated"
-        a_hi, a_lo = _bf16_parts(a, EMULATED, PACKED_CVT)
-        b_hi, b_lo = _bf16_parts(b, EMULATED, PACKED_CVT)
+        a_hi, a_lo = _bf16_parts(a, EMULATED)
+        b_hi, b_lo = _bf16_parts(b, EMULATED)
         if PRECISION == "bf16x3" or PRECISION == "bf16x3-emulated":
             acc = tl.dot(a_lo, b_hi, out_dtype=tl.float32, input_precision="ieee")
             acc = tl.dot(a_hi, b_lo, acc, out_dtype=tl.float32, input_precision="ieee")
@@ -127,10 +118,9 @@ def _matmul(a, b, PRECISION: tl.constexpr, PACKED_CVT: tl.constexpr = False):
 
 
 @triton.jit
-def _candidate(b_h, b_w, b_k, b_v, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr,
-               PACKED_CVT: tl.constexpr = False):
+def _candidate(b_h, b_w, b_k, b_v, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr):
     """(1) Z_t = tanh(H_{t-1} W + k_t v_tᵀ); without the tanh for the linear ablation."""
-    b_a = _matmul(b_h, b_w, PRECISION, PACKED_CVT) + b_k[:, None] * b_v[None, :]
+    b_a = _matmul(b_h, b_w, PRECISION) + b_k[:, None] * b_v[None, :]
     if NONLINEAR:
         b_a = _tanh(b_a, FAST_TANH)
     return b_a
@@ -167,7 +157,7 @@ def _m2rnn_fwd_kernel(
     H: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, HF: tl.constexpr,
     HW: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
     HAS_H0: tl.constexpr, Y_ATOMIC: tl.constexpr, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
-    NONLINEAR: tl.constexpr, PACKED_CVT: tl.constexpr,
+    NONLINEAR: tl.constexpr,
 ):
     """One program: rows [i_k·BK, (i_k+1)·BK) of the state of head i_h in batch i_b.
     Head i_h reads head i_h // (H // HX) of a tensor with HX heads."""
@@ -209,7 +199,7 @@ def _m2rnn_fwd_kernel(
             n_q, n_k, n_v, n_f = nn_q, nn_k, nn_v, nn_f
             nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 2, S - 1), stride_qs, stride_ks,
                                                 stride_vs, stride_fs, m_k)
-            b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR, PACKED_CVT)  # (1)
+            b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)  # (1)
             # (3) for the step before, y_{t-1} = H_{t-1}ᵀ q_{t-1}: its reduction overlaps this step's chain
             b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)  # (V,)
             _store_or_add(p_y + (t - 1) * H * V, b_y, o_v < tl.minimum(t, 1) * V, Y_ATOMIC)  # none at t=0
@@ -405,11 +395,16 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear):
         q, k, v, W.float().contiguous(), f, h0, y, h_last, ckpt,
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC,
         H=H, **heads, K=K, V=V, C=chunk, HAS_H0=h0 is not h_last, Y_ATOMIC=NB > 1, NONLINEAR=nonlinear,
-        # packed conversions in the forward only: in the backward they cost 18 registers, which at the
-        # 400M shape leaves room for 10 programs per SM instead of 11 (a second wave; notes_kernel.md, v7)
-        PACKED_CVT=config["PRECISION"] == "bf16x3", **config,
+        **config,
     )
     return y.to(q.dtype), h_last, ckpt
+
+
+# Registers are split among an SM's 4 schedulers, 16K each, and a program (one warp) lives on one. At most
+# 168 a thread (5,376 a warp), 3 programs fit per scheduler: 12 per SM, more than the 10.2 that the 400M
+# shape needs. Left to itself the compiler took 166-199 (by H and Triton version), and above 170 only 8 fit:
+# the last programs then ran as a second wave (400M: 12.1 vs 9.8 ms; hybrid: 3.1 vs 2.5; notes_kernel.md, v8).
+_BWD_MAX_REGISTERS = 168
 
 
 def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
@@ -434,6 +429,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC, float(grad_clip or 0.0),
         H=H, **heads, K=K, V=V, NB=NB, C=chunk, HAS_DHT=dh_last is not None, CLIP=grad_clip is not None,
         DW_PRECISION=_dw_precision(config["PRECISION"]), NONLINEAR=nonlinear, **config,
+        maxnreg=_BWD_MAX_REGISTERS,
     )
     del scratch  # before the casts below allocate
     # dW: sum over batch and row blocks, then over the heads that share one W
