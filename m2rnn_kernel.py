@@ -82,7 +82,7 @@ def _tanh(x, FAST: tl.constexpr):
 
 @triton.jit
 def _bf16_parts(x, EMULATED: tl.constexpr):
-    """x = hi + lo to ~2^-17, hi and lo in bf16 (float32 copies of them when EMULATED). hi is x
+    """x = hi + lo to ~2^-16, hi and lo in bf16 (float32 copies of them when EMULATED). hi is x
     rounded to bf16 with integer operations (add half of bf16's last place, keep the upper 16
     bits; ties away from zero): Triton's conversion would run one element per instruction on
     the pipe the tanh needs (notes_kernel.md, v5, v8). x − hi is exact in float32; lo is it
