@@ -17,6 +17,7 @@ import torch
 
 import m2rnn_kernel
 from m2rnn_kernel import m2rnn, m2rnn_reference, m2rnn_step
+from m2rnn_kernel import _bf16_parts, tl, triton  # Triton, or the stand-in without it
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -288,6 +289,35 @@ def test_kernel_under_torch_compile_fullgraph():
     g_eager = torch.autograd.grad(loss_fn(*leaves), leaves)
     for a, b in zip(g_compiled, g_eager):
         assert rel_err(a, b) <= 1e-6
+
+
+@triton.jit
+def _split_kernel(X, HI, LO, N: tl.constexpr, EMULATED: tl.constexpr):
+    o = tl.arange(0, N)
+    hi, lo = _bf16_parts(tl.load(X + o), EMULATED)
+    tl.store(HI + o, hi.to(tl.float32))
+    tl.store(LO + o, lo.to(tl.float32))
+
+
+@needs_triton
+def test_bf16_split_rounds_to_nearest():
+    """The split of the fp32 state into bf16 high and low parts that the tensor cores take (three
+    products on the recurrence's chain): hi must be x rounded to nearest (a truncated hi passes the
+    short tests above but biases the error over thousands of steps: 3x, notes_kernel.md, v8), and
+    hi + lo must give x back to 2^-16. On CUDA the bf16 path, on the CPU the interpreter's."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = torch.randn(4096, generator=g) * torch.exp(4 * torch.randn(4096, generator=g))  # many magnitudes
+    x[:4] = torch.tensor([0.0, -1.0, 1 + 2**-8, -(1 + 2**-8)])  # exact, exact, two ties (bf16's last place is 2^-7)
+    x = x.to(DEVICE)
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_kernel[(1,)](x, hi, lo, N=x.numel(), EMULATED=DEVICE == "cpu")
+    bits = x.view(torch.int32)
+    tie = (bits & 0xFFFF) == 0x8000  # torch rounds ties to even, the kernel away from zero
+    nearest = x.to(torch.bfloat16).float()
+    assert torch.equal(hi[~tie], nearest[~tie])
+    assert hi[2].item() == 1 + 2**-7 and hi[3].item() == -(1 + 2**-7)  # away from zero
+    assert torch.equal(hi, hi.to(torch.bfloat16).float()) and torch.equal(lo, lo.to(torch.bfloat16).float())
+    assert ((hi + lo - x).abs() <= 2**-16 * x.abs()).all()
 
 
 # -----------------------------------------------------------------------------
