@@ -221,11 +221,13 @@ class CausalConv(nn.Conv1d):
     def forward(self, x, cache=None):
         """x (B,S,Ch) -> (B,S,Ch), output t from inputs t-ks+1..t. With a fresh cache, also store x's tail."""
         S, ks = x.shape[1], self.kernel_size[0]
-        y = super().forward(x.transpose(1, 2))[..., :S].transpose(1, 2)  # left padding; drop the right end
+        y = super().forward(x.transpose(1, 2))[..., :S]  # (B,Ch,S): left padding; drop the right end
         if cache is not None:
             tail = F.pad(x, (0, 0, ks - 1, 0))  # (B,ks-1+S,Ch): zeros before the sequence
             cache["conv"] = tail[:, tail.shape[1] - (ks - 1):].to(cache["conv"].dtype)  # (B,ks-1,Ch)
-        return F.silu(y)
+        # (B,S,Ch) in memory too, not a transposed view: the recurrence reads all channels of one step at a time,
+        # and with time innermost each step's loads touched a cache line per channel (notes_throughput.md)
+        return F.silu(y).transpose(1, 2).contiguous()
 
     def init_cache(self, batch_size, device, dtype):
         """cache["conv"] before the first token: the zeros the causal padding puts there, (B,ks-1,Ch)."""

@@ -108,6 +108,13 @@ def test_m2rnn_gate_and_init():
     torch.testing.assert_close(f, expected)
     # conv and norm exist, the ablation has no W
     assert not hasattr(tiny(layer_pattern="MM", m2rnn_linear=True).transformer.h[0].mixer, "W")
+    # the conv's output is causal and (B,S,Ch)-contiguous: the kernel reads one step's channels at a time
+    x = torch.randn(2, 7, block.Ch)
+    y = block.conv(x)
+    assert y.is_contiguous() and y.shape == x.shape
+    x2 = x.clone()
+    x2[:, 4:] += 1.0
+    assert torch.equal(block.conv(x2)[:, :4], y[:, :4]) and not torch.equal(block.conv(x2)[:, 4], y[:, 4])
 
 
 def test_no_decay_groups():
