@@ -118,9 +118,26 @@ def _matmul(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _matmul_f16_state(a, b, EMULATED: tl.constexpr):
+    """a @ b where a holds float16 values (a stored state) and b is float32: b splits into float16
+    high and low parts, so the two products are exact to ~2^-22 of b; no split of a is needed."""
+    b_hi = b.to(tl.float16)
+    b_lo = (b - b_hi.to(tl.float32)).to(tl.float16)
+    a = a.to(tl.float16)
+    if EMULATED:
+        a, b_hi, b_lo = a.to(tl.float32), b_hi.to(tl.float32), b_lo.to(tl.float32)
+    acc = tl.dot(a, b_lo, out_dtype=tl.float32, input_precision="ieee")
+    return tl.dot(a, b_hi, acc, out_dtype=tl.float32, input_precision="ieee")
+
+
+@triton.jit
 def _candidate(b_h, b_w, b_k, b_v, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr):
     """(1) Z_t = tanh(H_{t-1} W + k_t v_tᵀ); without the tanh for the linear ablation."""
-    b_a = _matmul(b_h, b_w, PRECISION) + b_k[:, None] * b_v[None, :]
+    if PRECISION == "f16-state" or PRECISION == "f16-state-emulated":
+        b_a = _matmul_f16_state(b_h, b_w, PRECISION == "f16-state-emulated")
+    else:
+        b_a = _matmul(b_h, b_w, PRECISION)
+    b_a += b_k[:, None] * b_v[None, :]
     if NONLINEAR:
         b_a = _tanh(b_a, FAST_TANH)
     return b_a
@@ -223,7 +240,7 @@ def _m2rnn_bwd_kernel(
     H: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, HF: tl.constexpr,
     HW: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr,
     C: tl.constexpr, HAS_DHT: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr,
-    DW_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr,
+    DW_PRECISION: tl.constexpr, RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr,
 ):
     """Reverse walk of spec §3 over the rows [i_k·BK, (i_k+1)·BK) of one (batch, head).
     dq, dk are per row, so they are added over the heads sharing q, k; dv, df sum over rows,
@@ -281,8 +298,9 @@ def _m2rnn_bwd_kernel(
             n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs,
                                             stride_fs, m_k)
             n_dy = tl.load(p_dy + (t0 + j_n) * H * V).to(tl.float32)
-            b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)
-            tl.store(p_scr + j * BK * V, b_h.to(SCRATCH.dtype.element_ty))  # H_{t-1}
+            b_hs = b_h.to(SCRATCH.dtype.element_ty)  # H_{t-1} as stored: Z comes from it here and below
+            b_z = _candidate(b_hs, b_w, b_k, b_v, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+            tl.store(p_scr + j * BK * V, b_hs)
             b_h = b_f * b_h + (1.0 - b_f) * b_z  # H_t
             b_dq = tl.sum(b_h * b_dy[None, :], axis=1)  # dq_t = H_t dy_t   (BK,)
             _store_or_add(p_dq + t * HQ * K, b_dq, m_k, Q_ATOMIC)
@@ -292,7 +310,7 @@ def _m2rnn_bwd_kernel(
         j = n_t - 1
         n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
         n_dy = tl.load(p_dy + (t0 + j) * H * V).to(tl.float32)
-        n_hp = tl.load(p_scr + j * BK * V).to(tl.float32)
+        n_hp = tl.load(p_scr + j * BK * V)
         for j_r in range(n_t):
             j = n_t - 1 - j_r
             t = t0 + j
@@ -301,9 +319,10 @@ def _m2rnn_bwd_kernel(
             n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs,
                                             stride_fs, m_k)
             n_dy = tl.load(p_dy + (t0 + j_n) * H * V).to(tl.float32)
-            n_hp = tl.load(p_scr + j_n * BK * V).to(tl.float32)  # H_{t-2}
+            n_hp = tl.load(p_scr + j_n * BK * V)  # H_{t-2}
             # Z_t again from H_{t-1}: off the chain through G, and half the scratch traffic of storing it
-            b_z = _candidate(b_hp, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)
+            b_z = _candidate(b_hp, b_w, b_k, b_v, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+            b_hp = b_hp.to(tl.float32)
 
             # G_t = G + q_t dy_tᵀ: everything that reaches H_t, then clipped (spec §3)
             b_g = b_g + b_q[:, None] * b_dy[None, :]
@@ -358,6 +377,12 @@ def _dw_precision(precision):
     return {"bf16x3": "bf16", "bf16x3-emulated": "bf16-emulated"}.get(precision, precision)
 
 
+def _recompute_precision(precision):
+    """The backward's recomputed states are stored in float16 for bf16 inputs: Z_t is computed from
+    that stored H_{t-1} as it is, with W in two float16 parts, in the recompute and the reverse walk alike."""
+    return {"bf16x3": "f16-state", "bf16x3-emulated": "f16-state-emulated"}.get(precision, precision)
+
+
 def _state_copy_dtype(dtype):
     """The stored copies of the state: the forward's checkpoints and the backward's scratch of
     recomputed H_{t-1}. With bf16 inputs they are float16, which halves their memory and traffic
@@ -405,6 +430,19 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear):
 # shape needs. Left to itself the compiler took 166-199 (by H and Triton version), and above 170 only 8 fit:
 # the last programs then ran as a second wave (400M: 12.1 vs 9.8 ms; hybrid: 3.1 vs 2.5; notes_kernel.md, v8).
 _BWD_MAX_REGISTERS = 168
+_BWD_PROGRAMS_PER_SM = 12  # one-warp programs resident at once under that cap
+
+
+def _backward_rows_per_program(B, H, K, BK, device):
+    """Half the rows per program, so twice the programs, where all of them still run at once. A small grid
+    (B = 1 to 4 at the 400M shape's H) leaves the schedulers idle while each program waits on its chain, and
+    more programs fill those waits (B=1: 4.9 → 3.9 ms; notes_kernel.md, v9). A grid that would not fit runs a
+    second wave, which costs more than the extra programs gain (400M: 9.7 → 12.1 ms)."""
+    if BK > 16 and device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if B * H * triton.cdiv(K, BK // 2) <= _BWD_PROGRAMS_PER_SM * sms:
+            return BK // 2
+    return BK
 
 
 def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
@@ -413,7 +451,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     H, heads = _heads(q, k, v, W, f)
     NC = ckpt.shape[2]
     config = _launch_config(K, q.dtype)
-    BK = config["BK"]
+    BK = config["BK"] = _backward_rows_per_program(B, H, K, config["BK"], q.device)
     NB = triton.cdiv(K, BK)
     dq = _output(q.shape, q, atomic=heads["HQ"] < H)
     dk = _output(k.shape, k, atomic=heads["HK"] < H)
@@ -428,7 +466,8 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
         dq, dk, dv, df, dw, dh0, scratch,
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC, float(grad_clip or 0.0),
         H=H, **heads, K=K, V=V, NB=NB, C=chunk, HAS_DHT=dh_last is not None, CLIP=grad_clip is not None,
-        DW_PRECISION=_dw_precision(config["PRECISION"]), NONLINEAR=nonlinear, **config,
+        DW_PRECISION=_dw_precision(config["PRECISION"]), RECOMPUTE_PRECISION=_recompute_precision(config["PRECISION"]),
+        NONLINEAR=nonlinear, **config,
         maxnreg=_BWD_MAX_REGISTERS,
     )
     del scratch  # before the casts below allocate
