@@ -195,7 +195,9 @@ def test_without_triton_the_reference_runs():
 
 CASES = {  # id: (B, S, K, V, (Hq, Hk, Hv, Hf, Hw), h0, grad_clip, chunk)
     "B2-S7-K16-V16-H2-C4": (2, 7, 16, 16, (2, 2, 2, 2, 2), False, None, 4),
-    "S1-h0": (1, 1, 16, 16, (1, 1, 1, 1, 1), True, None, 4),
+    # S=1 with 8 (batch, head) pairs: with one pair, df is a single sum of 256 signed terms that sometimes cancels
+    # to near 0, where the float16 copy of h0 (bf16 inputs) is then a large relative error (1.3% of seeds > 2e-2)
+    "S1-h0": (2, 1, 16, 16, (1, 1, 4, 4, 4), True, None, 4),
     "shared-qk-H4-h0-clip": (2, 9, 16, 16, (1, 1, 4, 4, 4), True, 0.02, 4),
     "shared-all-groups": (1, 6, 16, 16, (1, 2, 4, 2, 1), True, 0.5, 4),
     "K24-ragged-rows": (1, 5, 24, 16, (1, 1, 2, 2, 2), True, None, 2),
