@@ -219,15 +219,18 @@ class CausalConv(nn.Conv1d):
         super().__init__(channels, channels, ks, groups=channels, padding=ks - 1, bias=False)
 
     def forward(self, x, cache=None):
-        """x (B,S,Ch) -> (B,S,Ch), output t from inputs t-ks+1..t. With a fresh cache, also store x's tail."""
+        """x (B,S,Ch) -> (B,S,Ch), output t from inputs t-ks+1..t. With a fresh cache, also store x's tail.
+        Written as a sum of ks shifted products (in float32), not as Conv1d's forward: torch.compile fuses it
+        with the SiLU into one pass over (B,S,Ch) memory, where cuDNN's depthwise conv on a transposed view
+        cost 0.26 ms more per layer's forward+backward at config/hybrid.py's shape (notes_throughput.md).
+        The output is (B,S,Ch) in memory: the recurrence reads all channels of one step at a time."""
         S, ks = x.shape[1], self.kernel_size[0]
-        y = super().forward(x.transpose(1, 2))[..., :S]  # (B,Ch,S): left padding; drop the right end
+        padded = F.pad(x, (0, 0, ks - 1, 0))  # (B,ks-1+S,Ch): zeros before the sequence
         if cache is not None:
-            tail = F.pad(x, (0, 0, ks - 1, 0))  # (B,ks-1+S,Ch): zeros before the sequence
-            cache["conv"] = tail[:, tail.shape[1] - (ks - 1):].to(cache["conv"].dtype)  # (B,ks-1,Ch)
-        # (B,S,Ch) in memory too, not a transposed view: the recurrence reads all channels of one step at a time,
-        # and with time innermost each step's loads touched a cache line per channel (notes_throughput.md)
-        return F.silu(y).transpose(1, 2).contiguous()
+            cache["conv"] = padded[:, padded.shape[1] - (ks - 1):].to(cache["conv"].dtype)  # (B,ks-1,Ch)
+        weight = self.weight[:, 0].float()  # (Ch,ks): tap j multiplies the input ks-1-j steps back
+        y = sum(padded[:, j:j + S].float() * weight[:, j] for j in range(ks))
+        return F.silu(y).to(x.dtype)
 
     def init_cache(self, batch_size, device, dtype):
         """cache["conv"] before the first token: the zeros the causal padding puts there, (B,ks-1,Ch)."""

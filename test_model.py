@@ -116,6 +116,10 @@ def test_m2rnn_gate_and_init():
     x2[:, 4:] += 1.0
     y2 = block.conv(x2)
     assert torch.equal(y2[:, :4], y[:, :4]) and not torch.equal(y2[:, 4], y[:, 4])
+    # and it is the depthwise conv of the spec (§2) with SiLU: PyTorch's conv1d, left-padded, as the definition
+    ks = block.conv.kernel_size[0]
+    expected = F.silu(F.conv1d(x.transpose(1, 2), block.conv.weight, padding=ks - 1, groups=block.Ch)[..., :7])
+    torch.testing.assert_close(y, expected.transpose(1, 2))
 
 
 def test_no_decay_groups():
