@@ -433,15 +433,14 @@ _BWD_MAX_REGISTERS = 168
 _BWD_PROGRAMS_PER_SM = 12  # one-warp programs resident at once under that cap
 
 
-def _backward_rows_per_program(B, H, K, BK, device):
-    """Half the rows per program, so twice the programs, where all of them still run at once. A small grid
-    (B = 1 to 4 at the 400M shape's H) leaves the schedulers idle while each program waits on its chain, and
-    more programs fill those waits (B=1: 4.9 → 3.9 ms; notes_kernel.md, v9). A grid that would not fit runs a
-    second wave, which costs more than the extra programs gain (400M: 9.7 → 12.1 ms)."""
-    if BK > 16 and device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if B * H * triton.cdiv(K, BK // 2) <= _BWD_PROGRAMS_PER_SM * sms:
-            return BK // 2
+def _backward_rows_per_program(B, H, K, BK, sms):
+    """Half the rows per program, so twice the programs, where all of them still run at once on `sms`
+    multiprocessors (0: not a GPU). A small grid (B = 1 to 4 at the 400M shape's H) leaves the schedulers idle
+    while each program waits on its chain, and more programs fill those waits (B=1: 4.9 → 3.9 ms;
+    notes_kernel.md, v9). A grid that would not fit runs a second wave, which costs more than the extra
+    programs gain (400M: 9.7 → 12.1 ms)."""
+    if BK > 16 and B * H * triton.cdiv(K, BK // 2) <= _BWD_PROGRAMS_PER_SM * sms:
+        return BK // 2
     return BK
 
 
@@ -451,7 +450,8 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     H, heads = _heads(q, k, v, W, f)
     NC = ckpt.shape[2]
     config = _launch_config(K, q.dtype)
-    BK = config["BK"] = _backward_rows_per_program(B, H, K, config["BK"], q.device)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+    BK = config["BK"] = _backward_rows_per_program(B, H, K, config["BK"], sms)
     NB = triton.cdiv(K, BK)
     dq = _output(q.shape, q, atomic=heads["HQ"] < H)
     dk = _output(k.shape, k, atomic=heads["HK"] < H)

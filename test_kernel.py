@@ -222,13 +222,23 @@ def test_kernel_matches_reference(case, dtype, poisoned):
 
 
 @needs_triton
+def test_backward_rows_per_program_rule():
+    """16-row backward programs only where all of them fit at once (12 per SM) on an H200's 132 SMs."""
+    rows = m2rnn_kernel._backward_rows_per_program
+    assert rows(1, 84, 64, 32, 132) == 16 and rows(4, 84, 64, 32, 132) == 16  # 336, 1,344 programs <= 1,584
+    assert rows(8, 84, 64, 32, 132) == 32  # the 400M shape: 2,688 would not fit
+    assert rows(4, 132, 64, 32, 132) == 32 and rows(12, 64, 64, 32, 132) == 32  # 7B, config/hybrid.py
+    assert rows(1, 84, 64, 32, 0) == 32 and rows(1, 1, 16, 16, 132) == 16  # not a GPU; already 16 rows
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernel_backward_with_smaller_row_blocks(dtype, poisoned, monkeypatch):
     """On a GPU, a small grid's backward runs half the forward's rows per program (more programs);
     forced here: K=64 splits into 2 row blocks forward, 4 backward."""
     forward_rows = []
 
-    def halve(B, H, K, BK, device):
+    def halve(B, H, K, BK, sms):
         forward_rows.append(BK)
         return BK // 2
 
