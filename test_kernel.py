@@ -67,6 +67,14 @@ def run_both(inputs, grad_clip, chunk, seed=0, nonlinear=True):
     return [y, h, *grads], [y_ref, h_ref, *grads_ref]
 
 
+def assert_matches_reference(outs, refs, dtype):
+    """run_both's outputs and gradients (dh0 only if h0 was given) within the dtype's tolerance of float64."""
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, out, ref in zip(["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"], outs, refs):
+        assert out.shape == ref.shape, name
+        assert rel_err(out, ref) <= tol, f"{dtype} {name}: relative error {rel_err(out, ref):.2e} > {tol}"
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the kernel must write starts as NaN, so an element it skips fails the test."""
@@ -213,11 +221,7 @@ CASES = {  # id: (B, S, K, V, (Hq, Hk, Hv, Hf, Hw), h0, grad_clip, chunk)
 def test_kernel_matches_reference(case, dtype, poisoned):
     B, S, K, V, heads, h0, clip, chunk = CASES[case]
     outs, refs = run_both(make_inputs(B, S, K, V, heads, dtype, h0=h0), clip, chunk)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    names = ["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"]
-    for name, out, ref in zip(names, outs, refs):
-        assert out.shape == ref.shape, name
-        assert rel_err(out, ref) <= tol, f"{name}: relative error {rel_err(out, ref):.2e} > {tol}"
+    assert_matches_reference(outs, refs, dtype)
     assert outs[0].dtype == dtype and outs[1].dtype == torch.float32
 
 
@@ -245,9 +249,7 @@ def test_kernel_backward_with_smaller_row_blocks(dtype, poisoned, monkeypatch):
     monkeypatch.setattr(m2rnn_kernel, "_backward_rows_per_program", halve)
     outs, refs = run_both(make_inputs(1, 6, 64, 16, (1, 1, 2, 2, 2), dtype), 0.5, 4)
     assert forward_rows == [32]  # the backward ran once, with 16 rows per program
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for name, out, ref in zip(["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"], outs, refs):
-        assert rel_err(out, ref) <= tol, f"{name}: relative error {rel_err(out, ref):.2e} > {tol}"
+    assert_matches_reference(outs, refs, dtype)
 
 
 @needs_triton
@@ -257,9 +259,7 @@ def test_kernel_linear_ablation_matches_reference(dtype, poisoned):
     W that is not 0, so that its gradient path is checked too)."""
     outs, refs = run_both(make_inputs(2, 7, 16, 16, (1, 1, 2, 2, 2), dtype, w_noise=0.3), 0.5, 3,
                           nonlinear=False)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for name, out, ref in zip(["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"], outs, refs):
-        assert rel_err(out, ref) <= tol, f"{name}: relative error {rel_err(out, ref):.2e} > {tol}"
+    assert_matches_reference(outs, refs, dtype)
 
 
 @needs_triton
@@ -358,11 +358,9 @@ def test_bf16_split_rounds_to_nearest():
 @gpu
 def test_gpu_long_sequence_float64_reference():
     """S = 4096 at the paper's head shape (K=64, V=16, Hq=Hk=1, 84 heads), bf16 and fp32."""
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+    for dtype in (torch.float32, torch.bfloat16):
         inputs = make_inputs(1, 4096, 64, 16, (1, 1, 84, 84, 84), dtype, h0=True, w_noise=0.1)
-        outs, refs = run_both(inputs, 1.0, 64)
-        for name, out, ref in zip(["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"], outs, refs):
-            assert rel_err(out, ref) <= tol, f"{dtype} {name}: {rel_err(out, ref):.2e}"
+        assert_matches_reference(*run_both(inputs, 1.0, 64), dtype)
 
 
 @gpu
