@@ -22,7 +22,8 @@ The kernel, in reading order:
   * forward: one program per (batch, head, row block). Rows of H are independent
     (H W mixes columns only, k_t[i] scales row i), so a program owns BK rows and keeps them
     in registers for the whole sequence. Every C steps it writes the state to a checkpoint
-    buffer (B,H,NC,K,V) with NC = ceil(S/C): that is all the backward needs.
+    buffer (B,H,NC,K,V) with NC = ceil(S/C): that is all the backward needs. Where the grid
+    is small, it loads its inputs 8 steps at a time (one layout change per tile, not per step).
   * backward: chunks in reverse order. For each chunk the program reloads the checkpoint,
     recomputes the chunk's states forward (storing H_{t-1} in a small per-program scratch of
     C steps), then walks the chunk backward with the equations of the spec §3, recomputing
@@ -164,6 +165,30 @@ def _load_step(p_q, p_k, p_v, p_f, t, stride_qs, stride_ks, stride_vs, stride_fs
 
 
 @triton.jit
+def _forward_step(b_h, b_q_prev, b_w, b_k, b_v, b_f, p_y_prev, m_y_prev, PRECISION: tl.constexpr,
+                  FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr, Y_ATOMIC: tl.constexpr):
+    """Step t: returns H_t. Also the read-out of the step before, y_{t-1} = H_{t-1}ᵀ q_{t-1} (3), whose
+    reduction then overlaps this step's chain, stored where m_y_prev allows."""
+    b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)  # (1)
+    b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)  # (V,)
+    _store_or_add(p_y_prev, b_y, m_y_prev, Y_ATOMIC)
+    return b_f * b_h + (1.0 - b_f) * b_z  # (2) H_t = f_t H_{t-1} + (1 − f_t) Z_t
+
+
+@triton.jit
+def _unstack8(x, N: tl.constexpr):
+    """x (N, 8) -> its 8 columns, each (N,): a tile of 8 steps' inputs, one step at a time."""
+    even, odd = tl.split(tl.reshape(x, [N, 4, 2]))  # columns 0 2 4 6 and 1 3 5 7
+    c04, c26 = tl.split(tl.reshape(even, [N, 2, 2]))
+    c15, c37 = tl.split(tl.reshape(odd, [N, 2, 2]))
+    c0, c4 = tl.split(c04)
+    c2, c6 = tl.split(c26)
+    c1, c5 = tl.split(c15)
+    c3, c7 = tl.split(c37)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
 def _m2rnn_fwd_kernel(
     Q, Kt, Vt, W, F, H0, Y, HT, CKPT,
     stride_qb, stride_qs, stride_qh, stride_qk,
@@ -174,10 +199,11 @@ def _m2rnn_fwd_kernel(
     H: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, HF: tl.constexpr,
     HW: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
     HAS_H0: tl.constexpr, Y_ATOMIC: tl.constexpr, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
-    NONLINEAR: tl.constexpr,
+    NONLINEAR: tl.constexpr, TILE8: tl.constexpr,
 ):
     """One program: rows [i_k·BK, (i_k+1)·BK) of the state of head i_h in batch i_b.
-    Head i_h reads head i_h // (H // HX) of a tensor with HX heads."""
+    Head i_h reads head i_h // (H // HX) of a tensor with HX heads. TILE8: inputs are loaded as tiles of
+    8 steps (C a multiple of 8), else one step at a time."""
     i_bh, i_k = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = i_k * BK + tl.arange(0, BK)  # the rows this program owns
@@ -199,32 +225,72 @@ def _m2rnn_fwd_kernel(
     else:
         b_h = tl.zeros([BK, V], dtype=tl.float32)
 
-    # inputs are loaded two steps ahead of their use (n_: next step, nn_: the one after), so that
-    # their latency hides behind two steps of math; one step ahead was 4-14% slower (notes_kernel.md)
-    n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, 0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
-    nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(1, S - 1), stride_qs, stride_ks, stride_vs,
-                                        stride_fs, m_k)
     b_q_prev = tl.zeros([BK], dtype=tl.float32)  # q of the step before (none before step 0)
-    for i_c in range(NC):
-        # checkpoint: the state before the chunk, from which the backward recomputes it. Stored here,
-        # outside the step loop: inside it, under `if t % C == 0`, the state's conversion to the
-        # store's layout ran on every step (notes_kernel.md, v4)
-        tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)
-        for j in range(tl.minimum(C, S - i_c * C)):
-            t = i_c * C + j
-            b_q, b_k, b_v, b_f = n_q, n_k, n_v, n_f
-            n_q, n_k, n_v, n_f = nn_q, nn_k, nn_v, nn_f
-            nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 2, S - 1), stride_qs, stride_ks,
-                                                stride_vs, stride_fs, m_k)
-            b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)  # (1)
-            # (3) for the step before, y_{t-1} = H_{t-1}ᵀ q_{t-1}: its reduction overlaps this step's chain
-            b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)  # (V,)
-            _store_or_add(p_y + (t - 1) * H * V, b_y, o_v < tl.minimum(t, 1) * V, Y_ATOMIC)  # none at t=0
-            b_q_prev = b_q
-            # (2) H_t = f_t H_{t-1} + (1 − f_t) Z_t
-            b_h = b_f * b_h + (1.0 - b_f) * b_z
+    if TILE8:
+        # q, k, v, f of 8 steps loaded as one tile each: one layout conversion per tile instead of one per step
+        # and input, and Triton's pipeliner fetches the next tile during these 8 steps. Steps past S (the
+        # last tile of a ragged S) read f = 1 and k = v = q = 0: H passes through them unchanged, their
+        # read-outs are not stored.
+        o_s = tl.arange(0, 8)
+        for i_c in range(NC):
+            tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)  # see the loop below
+            for j in range(0, tl.minimum(C, S - i_c * C), 8):
+                t = i_c * C + j
+                m_s = (t + o_s) < S
+                m_ks = m_kv & m_s[None, :]
+                t_q = tl.load(p_q[:, None] + (t + o_s)[None, :] * stride_qs, mask=m_ks, other=0.0).to(tl.float32)
+                t_k = tl.load(p_k[:, None] + (t + o_s)[None, :] * stride_ks, mask=m_ks, other=0.0).to(tl.float32)
+                t_v = tl.load(p_v[:, None] + (t + o_s)[None, :] * stride_vs, mask=m_s[None, :], other=0.0)
+                # f as a (V, 8) tile (each step's f repeated over V): it scales the state's columns
+                t_f = tl.load(p_f + (t + o_s)[None, :] * stride_fs + 0 * o_v[:, None], mask=m_s[None, :], other=1.0)
+                q0, q1, q2, q3, q4, q5, q6, q7 = _unstack8(t_q, BK)
+                k0, k1, k2, k3, k4, k5, k6, k7 = _unstack8(t_k, BK)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _unstack8(t_v.to(tl.float32), V)
+                f0, f1, f2, f3, f4, f5, f6, f7 = _unstack8(t_f.to(tl.float32), V)
+                p_y_prev = p_y + (t - 1) * H * V
+                # step t + s stores y_{t+s-1} if that step exists: none before step 0, none past S - 1
+                b_h = _forward_step(b_h, b_q_prev, b_w, k0, v0, f0[None, :], p_y_prev, o_v < tl.minimum(t, 1) * V,
+                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
+                b_h = _forward_step(b_h, q0, b_w, k1, v1, f1[None, :], p_y_prev + H * V, o_v < (t + 1 <= S) * V,
+                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
+                b_h = _forward_step(b_h, q1, b_w, k2, v2, f2[None, :], p_y_prev + 2 * H * V, o_v < (t + 2 <= S) * V,
+                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
+                b_h = _forward_step(b_h, q2, b_w, k3, v3, f3[None, :], p_y_prev + 3 * H * V, o_v < (t + 3 <= S) * V,
+                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
+                b_h = _forward_step(b_h, q3, b_w, k4, v4, f4[None, :], p_y_prev + 4 * H * V, o_v < (t + 4 <= S) * V,
+                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
+                b_h = _forward_step(b_h, q4, b_w, k5, v5, f5[None, :], p_y_prev + 5 * H * V, o_v < (t + 5 <= S) * V,
+                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
+                b_h = _forward_step(b_h, q5, b_w, k6, v6, f6[None, :], p_y_prev + 6 * H * V, o_v < (t + 6 <= S) * V,
+                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
+                b_h = _forward_step(b_h, q6, b_w, k7, v7, f7[None, :], p_y_prev + 7 * H * V, o_v < (t + 7 <= S) * V,
+                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
+                b_q_prev = q7
+        # y_{S-1} was stored inside the last tile unless that tile was full
+        m_y_last = o_v < (S % 8 == 0) * V
+    else:
+        # inputs are loaded two steps ahead of their use (n_: next step, nn_: the one after), so that
+        # their latency hides behind two steps of math; one step ahead was 4-14% slower (notes_kernel.md)
+        n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, 0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
+        nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(1, S - 1), stride_qs, stride_ks,
+                                            stride_vs, stride_fs, m_k)
+        for i_c in range(NC):
+            # checkpoint: the state before the chunk, from which the backward recomputes it. Stored here,
+            # outside the step loop: inside it, under `if t % C == 0`, the state's conversion to the
+            # store's layout ran on every step (notes_kernel.md, v4)
+            tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)
+            for j in range(tl.minimum(C, S - i_c * C)):
+                t = i_c * C + j
+                b_q, b_k, b_v, b_f = n_q, n_k, n_v, n_f
+                n_q, n_k, n_v, n_f = nn_q, nn_k, nn_v, nn_f
+                nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 2, S - 1), stride_qs,
+                                                    stride_ks, stride_vs, stride_fs, m_k)
+                b_h = _forward_step(b_h, b_q_prev, b_w, b_k, b_v, b_f, p_y + (t - 1) * H * V,
+                                    o_v < tl.minimum(t, 1) * V, PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
+                b_q_prev = b_q
+        m_y_last = m_v
     b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)  # the last step's read-out
-    _store_or_add(p_y + (S - 1) * H * V, b_y, m_v, Y_ATOMIC)
+    _store_or_add(p_y + (S - 1) * H * V, b_y, m_y_last, Y_ATOMIC)
     tl.store(HT + o_state, b_h, mask=m_kv)
 
 
@@ -405,6 +471,22 @@ def _output(shape, like, atomic):
     return _empty(*shape, device=like.device, dtype=like.dtype)
 
 
+# The forward with 8-step input tiles (TILE8) takes ~200 registers against 92: two one-warp programs fit per
+# scheduler (8 per SM) instead of five. Measured (notes_kernel.md, v10): faster where the grid fits in those 8
+# (B=1: 1.78 -> 1.34 ms; 7B, exactly 8 per SM: 2.04 -> 1.93), slower where it does not (400M: 2.66 -> 3.19).
+_FWD_TILED_PROGRAMS_PER_SM = 8
+
+
+def _forward_tiled(B, H, NB, chunk, sms):
+    """Whether the forward loads its inputs as tiles of 8 steps: where the chunk is a multiple of 8 and all
+    B·H·NB programs fit on `sms` multiprocessors (0: not a GPU) at the tiled forward's register count."""
+    return chunk % 8 == 0 and B * H * NB <= _FWD_TILED_PROGRAMS_PER_SM * sms
+
+
+def _sm_count(x):
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 0
+
+
 def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear):
     B, S, _, K = q.shape
     V = v.shape[-1]
@@ -420,7 +502,7 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear):
         q, k, v, W.float().contiguous(), f, h0, y, h_last, ckpt,
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC,
         H=H, **heads, K=K, V=V, C=chunk, HAS_H0=h0 is not h_last, Y_ATOMIC=NB > 1, NONLINEAR=nonlinear,
-        **config,
+        TILE8=_forward_tiled(B, H, NB, chunk, _sm_count(q)), **config,
     )
     return y.to(q.dtype), h_last, ckpt
 
@@ -450,8 +532,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     H, heads = _heads(q, k, v, W, f)
     NC = ckpt.shape[2]
     config = _launch_config(K, q.dtype)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
-    BK = config["BK"] = _backward_rows_per_program(B, H, K, config["BK"], sms)
+    BK = config["BK"] = _backward_rows_per_program(B, H, K, config["BK"], _sm_count(q))
     NB = triton.cdiv(K, BK)
     dq = _output(q.shape, q, atomic=heads["HQ"] < H)
     dk = _output(k.shape, k, atomic=heads["HK"] < H)

@@ -226,6 +226,33 @@ def test_kernel_matches_reference(case, dtype, poisoned):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("S,chunk", [(16, 8), (13, 8), (19, 16)], ids=["S16-C8", "S13-C8-ragged", "S19-C16-ragged"])
+def test_kernel_forward_in_tiles_of_8_steps(S, chunk, dtype, poisoned, monkeypatch):
+    """On a GPU, a small grid's forward loads its inputs 8 steps at a time (TILE8), the last tile of a ragged
+    S padded with steps that leave the state as it is; forced here."""
+    tiled = []
+
+    def always(B, H, NB, chunk, sms):
+        tiled.append(chunk)
+        return True
+
+    monkeypatch.setattr(m2rnn_kernel, "_forward_tiled", always)
+    outs, refs = run_both(make_inputs(2, S, 16, 16, (1, 1, 2, 2, 2), dtype), 0.5, chunk)
+    assert tiled == [chunk]
+    assert_matches_reference(outs, refs, dtype)
+
+
+@needs_triton
+def test_forward_tiled_rule():
+    """8-step tiles only where all programs fit at 8 per SM on an H200's 132 SMs, and C is a multiple of 8."""
+    tiled = m2rnn_kernel._forward_tiled
+    assert tiled(1, 84, 2, 64, 132) and tiled(4, 132, 2, 64, 132)  # B=1; the 7B shape: exactly 8 per SM
+    assert not tiled(8, 84, 2, 64, 132) and not tiled(12, 64, 2, 64, 132)  # 400M, config/hybrid.py
+    assert not tiled(1, 84, 2, 60, 132) and not tiled(1, 84, 2, 64, 0)  # C not a multiple of 8; not a GPU
+
+
+@needs_triton
 def test_backward_rows_per_program_rule():
     """16-row backward programs only where all of them fit at once (12 per SM) on an H200's 132 SMs."""
     rows = m2rnn_kernel._backward_rows_per_program
