@@ -226,14 +226,35 @@ def _m2rnn_fwd_kernel(
         b_h = tl.zeros([BK, V], dtype=tl.float32)
 
     b_q_prev = tl.zeros([BK], dtype=tl.float32)  # q of the step before (none before step 0)
-    if TILE8:
-        # q, k, v, f of 8 steps loaded as one tile each: one layout conversion per tile instead of one per step
-        # and input, and Triton's pipeliner fetches the next tile during these 8 steps. Steps past S (the
-        # last tile of a ragged S) read f = 1 and k = v = q = 0: H passes through them unchanged, their
-        # read-outs are not stored.
+    if not TILE8:
+        # inputs are loaded two steps ahead of their use (n_: next step, nn_: the one after), so that
+        # their latency hides behind two steps of math; one step ahead was 4-14% slower (notes_kernel.md)
+        n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, 0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
+        nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(1, S - 1), stride_qs, stride_ks,
+                                            stride_vs, stride_fs, m_k)
+        for i_c in range(NC):
+            # checkpoint: the state before the chunk, from which the backward recomputes it. Stored here,
+            # outside the step loop: inside it, under `if t % C == 0`, the state's conversion to the
+            # store's layout ran on every step (notes_kernel.md, v4)
+            tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)
+            for j in range(tl.minimum(C, S - i_c * C)):
+                t = i_c * C + j
+                b_q, b_k, b_v, b_f = n_q, n_k, n_v, n_f
+                n_q, n_k, n_v, n_f = nn_q, nn_k, nn_v, nn_f
+                nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 2, S - 1), stride_qs,
+                                                    stride_ks, stride_vs, stride_fs, m_k)
+                b_h = _forward_step(b_h, b_q_prev, b_w, b_k, b_v, b_f, p_y + (t - 1) * H * V,
+                                    o_v < tl.minimum(t, 1) * V, PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
+                b_q_prev = b_q
+        m_y_last = m_v
+    else:
+        # the same steps, 8 at a time: q, k, v, f of 8 steps loaded as one tile each, so one layout change per
+        # tile instead of one per step and input; Triton's pipeliner fetches the next tile during these 8
+        # steps. Steps past S (the last tile of a ragged S) read f = 1 and k = v = q = 0: H passes through
+        # them unchanged, and their read-outs are not stored.
         o_s = tl.arange(0, 8)
         for i_c in range(NC):
-            tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)  # see the loop below
+            tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)  # as above
             for j in range(0, tl.minimum(C, S - i_c * C), 8):
                 t = i_c * C + j
                 m_s = (t + o_s) < S
@@ -268,27 +289,6 @@ def _m2rnn_fwd_kernel(
                 b_q_prev = q7
         # y_{S-1} was stored inside the last tile unless that tile was full
         m_y_last = o_v < (S % 8 == 0) * V
-    else:
-        # inputs are loaded two steps ahead of their use (n_: next step, nn_: the one after), so that
-        # their latency hides behind two steps of math; one step ahead was 4-14% slower (notes_kernel.md)
-        n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, 0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
-        nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(1, S - 1), stride_qs, stride_ks,
-                                            stride_vs, stride_fs, m_k)
-        for i_c in range(NC):
-            # checkpoint: the state before the chunk, from which the backward recomputes it. Stored here,
-            # outside the step loop: inside it, under `if t % C == 0`, the state's conversion to the
-            # store's layout ran on every step (notes_kernel.md, v4)
-            tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)
-            for j in range(tl.minimum(C, S - i_c * C)):
-                t = i_c * C + j
-                b_q, b_k, b_v, b_f = n_q, n_k, n_v, n_f
-                n_q, n_k, n_v, n_f = nn_q, nn_k, nn_v, nn_f
-                nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 2, S - 1), stride_qs,
-                                                    stride_ks, stride_vs, stride_fs, m_k)
-                b_h = _forward_step(b_h, b_q_prev, b_w, b_k, b_v, b_f, p_y + (t - 1) * H * V,
-                                    o_v < tl.minimum(t, 1) * V, PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
-                b_q_prev = b_q
-        m_y_last = m_v
     b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)  # the last step's read-out
     _store_or_add(p_y + (S - 1) * H * V, b_y, m_y_last, Y_ATOMIC)
     tl.store(HT + o_state, b_h, mask=m_kv)
