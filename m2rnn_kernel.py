@@ -630,7 +630,7 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
     (Triton on CUDA tensors, the reference elsewhere; without the triton package, as on macOS,
     only the reference). nonlinear=False drops the tanh of (1):
     with W = 0 that is the linear ablation, a gated linear-attention layer. With bf16 inputs the
-    kernel's backward keeps recomputed states in float16 (_scratch_dtype): h0 must stay within
+    kernel keeps its stored copies of the state in float16 (_state_copy_dtype): h0 must stay within
     float16's range (|h0| < 65504; every later state is then bounded by max(|h0|, 1)).
     """
     _check_inputs(q, k, v, W, f, h0)
