@@ -264,29 +264,18 @@ def _m2rnn_fwd_kernel(
                 t_v = tl.load(p_v[:, None] + (t + o_s)[None, :] * stride_vs, mask=m_s[None, :], other=0.0)
                 # f as a (V, 8) tile (each step's f repeated over V): it scales the state's columns
                 t_f = tl.load(p_f + (t + o_s)[None, :] * stride_fs + 0 * o_v[:, None], mask=m_s[None, :], other=1.0)
-                q0, q1, q2, q3, q4, q5, q6, q7 = _unstack8(t_q, BK)
-                k0, k1, k2, k3, k4, k5, k6, k7 = _unstack8(t_k, BK)
-                v0, v1, v2, v3, v4, v5, v6, v7 = _unstack8(t_v.to(tl.float32), V)
-                f0, f1, f2, f3, f4, f5, f6, f7 = _unstack8(t_f.to(tl.float32), V)
+                qs, ks, vs, fs = (_unstack8(t_q, BK), _unstack8(t_k, BK), _unstack8(t_v.to(tl.float32), V),
+                                  _unstack8(t_f.to(tl.float32), V))
                 p_y_prev = p_y + (t - 1) * H * V
-                # step t + s stores y_{t+s-1} if that step exists: none before step 0, none past S - 1
-                b_h = _forward_step(b_h, b_q_prev, b_w, k0, v0, f0[None, :], p_y_prev, o_v < tl.minimum(t, 1) * V,
-                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
-                b_h = _forward_step(b_h, q0, b_w, k1, v1, f1[None, :], p_y_prev + H * V, o_v < (t + 1 <= S) * V,
-                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
-                b_h = _forward_step(b_h, q1, b_w, k2, v2, f2[None, :], p_y_prev + 2 * H * V, o_v < (t + 2 <= S) * V,
-                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
-                b_h = _forward_step(b_h, q2, b_w, k3, v3, f3[None, :], p_y_prev + 3 * H * V, o_v < (t + 3 <= S) * V,
-                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
-                b_h = _forward_step(b_h, q3, b_w, k4, v4, f4[None, :], p_y_prev + 4 * H * V, o_v < (t + 4 <= S) * V,
-                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
-                b_h = _forward_step(b_h, q4, b_w, k5, v5, f5[None, :], p_y_prev + 5 * H * V, o_v < (t + 5 <= S) * V,
-                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
-                b_h = _forward_step(b_h, q5, b_w, k6, v6, f6[None, :], p_y_prev + 6 * H * V, o_v < (t + 6 <= S) * V,
-                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
-                b_h = _forward_step(b_h, q6, b_w, k7, v7, f7[None, :], p_y_prev + 7 * H * V, o_v < (t + 7 <= S) * V,
-                                    PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
-                b_q_prev = q7
+                for s in tl.static_range(8):  # unrolled: s is a constant in each copy
+                    # step t + s stores y_{t+s-1} if that step exists: none before step 0, none past S - 1
+                    if s == 0:
+                        m_y_prev = o_v < tl.minimum(t, 1) * V
+                    else:
+                        m_y_prev = o_v < (t + s <= S) * V
+                    b_h = _forward_step(b_h, b_q_prev, b_w, ks[s], vs[s], fs[s][None, :], p_y_prev + s * H * V,
+                                        m_y_prev, PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
+                    b_q_prev = qs[s]
         # y_{S-1} was stored inside the last tile unless that tile was full
         m_y_last = o_v < (S % 8 == 0) * V
     b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)  # the last step's read-out
