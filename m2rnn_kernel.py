@@ -165,13 +165,29 @@ def _load_step(p_q, p_k, p_v, p_f, t, stride_qs, stride_ks, stride_vs, stride_fs
 
 
 @triton.jit
+def _read_out(p_y, b_q, b_h, mask, ATOMIC: tl.constexpr):
+    """(3) y = Hᵀ q: a sum over the program's rows of the state, into p_y (V,) where mask allows.
+    Where several programs add into y (the rows are split over programs), each thread adds its own
+    partial sums: in the tensor cores' register layout a thread holds rows i, i+8, i+16, ... of its
+    columns, which the reshape below gathers, so no sum crosses threads and the atomic adds (of 4
+    columns at once) finish it. The full sum crossed 8 threads in 3 rounds of shuffles, then went
+    through shared memory to the one thread that added it: 17 more instructions a step (notes_kernel.md, v11)."""
+    BK: tl.constexpr = b_h.shape[0]
+    V: tl.constexpr = b_h.shape[1]
+    if ATOMIC:
+        part = tl.sum(tl.reshape(b_q[:, None] * b_h, [BK // 8, 8, V]), axis=0)  # (8, V): row r in part[r % 8]
+        tl.atomic_add(p_y[None, :] + 0 * tl.arange(0, 8)[:, None], part, mask=mask[None, :], sem="relaxed")
+    else:
+        tl.store(p_y, tl.sum(b_q[:, None] * b_h, axis=0), mask=mask)
+
+
+@triton.jit
 def _forward_step(b_h, b_q_prev, b_w, b_k, b_v, b_f, p_y_prev, m_y_prev, PRECISION: tl.constexpr,
                   FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr, Y_ATOMIC: tl.constexpr):
     """Step t: returns H_t. Also the read-out of the step before, y_{t-1} = H_{t-1}ᵀ q_{t-1} (3), whose
     reduction then overlaps this step's chain, stored where m_y_prev allows."""
     b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)  # (1)
-    b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)  # (V,)
-    _store_or_add(p_y_prev, b_y, m_y_prev, Y_ATOMIC)
+    _read_out(p_y_prev, b_q_prev, b_h, m_y_prev, Y_ATOMIC)
     return b_f * b_h + (1.0 - b_f) * b_z  # (2) H_t = f_t H_{t-1} + (1 − f_t) Z_t
 
 
@@ -278,7 +294,9 @@ def _m2rnn_fwd_kernel(
                     b_q_prev = qs[s]
         # y_{S-1} was stored inside the last tile unless that tile was full
         m_y_last = o_v < (S % 8 == 0) * V
-    b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)  # the last step's read-out
+    # the last step's read-out, once per program, as a full sum: through _read_out, ptxas scheduled the loops
+    # above 10 instructions a step longer (Triton 3.9's SASS)
+    b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)
     _store_or_add(p_y + (S - 1) * H * V, b_y, m_y_last, Y_ATOMIC)
     tl.store(HT + o_state, b_h, mask=m_kv)
 
