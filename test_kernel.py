@@ -227,10 +227,12 @@ def test_kernel_matches_reference(case, dtype, poisoned):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("S,chunk", [(16, 8), (13, 8), (19, 16)], ids=["S16-C8", "S13-C8-ragged", "S19-C16-ragged"])
-def test_kernel_forward_in_tiles_of_8_steps(S, chunk, dtype, poisoned, monkeypatch):
+@pytest.mark.parametrize("S,chunk,K", [(16, 8, 16), (13, 8, 16), (19, 16, 16), (13, 8, 64)],
+                         ids=["S16-C8", "S13-C8-ragged", "S19-C16-ragged", "S13-C8-K64-two-row-blocks"])
+def test_kernel_forward_in_tiles_of_8_steps(S, chunk, K, dtype, poisoned, monkeypatch):
     """On a GPU, a small grid's forward loads its inputs 8 steps at a time (TILE8), the last tile of a ragged
-    S padded with steps that leave the state as it is; forced here."""
+    S padded with steps that leave the state as it is; forced here. At K=64 two programs per head add their
+    read-outs into y, each thread its own partial sums (_read_out)."""
     tiled = []
 
     def always(B, H, NB, chunk, sms):
@@ -238,7 +240,7 @@ def test_kernel_forward_in_tiles_of_8_steps(S, chunk, dtype, poisoned, monkeypat
         return True
 
     monkeypatch.setattr(m2rnn_kernel, "_forward_tiled", always)
-    outs, refs = run_both(make_inputs(2, S, 16, 16, (1, 1, 2, 2, 2), dtype), 0.5, chunk)
+    outs, refs = run_both(make_inputs(2, S, K, 16, (1, 1, 2, 2, 2), dtype), 0.5, chunk)
     assert tiled == [chunk]
     assert_matches_reference(outs, refs, dtype)
 
