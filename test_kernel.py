@@ -50,14 +50,15 @@ def make_inputs(B, S, K, V, heads, dtype, h0=True, device=DEVICE, seed=None, w_n
     return cast(q), cast(k), cast(v), keep(W), keep(f), (keep(h) if h0 else None)
 
 
-def run_both(inputs, grad_clip, chunk, seed=0, nonlinear=True):
-    """Kernel and float64 reference on the same inputs and output gradients: (outputs, grads) each."""
+def run_both(inputs, grad_clip, chunk, seed=0, nonlinear=True, impl="triton"):
+    """Kernel (or, with impl="torch", the reference loop in the inputs' dtype) and float64 reference on the same
+    inputs and output gradients: (outputs, grads) each."""
     q, k, v, W, f, h0 = inputs
     leaves = [x for x in (q, k, v, W, f, h0) if x is not None]
     kern = [x.detach().clone().requires_grad_() for x in leaves]
     ref = [x.detach().double().requires_grad_() for x in leaves]
     pad = lambda xs: xs + [None] * (6 - len(xs))
-    y, h = m2rnn(*pad(kern), grad_clip=grad_clip, impl="triton", chunk=chunk, nonlinear=nonlinear)
+    y, h = m2rnn(*pad(kern), grad_clip=grad_clip, impl=impl, chunk=chunk, nonlinear=nonlinear)
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(y.shape, generator=g).to(y.device)
     dh = torch.randn(h.shape, generator=g).to(h.device)
@@ -386,10 +387,20 @@ def test_bf16_split_rounds_to_nearest():
 
 @gpu
 def test_gpu_long_sequence_float64_reference():
-    """S = 4096 at the paper's head shape (K=64, V=16, Hq=Hk=1, 84 heads), bf16 and fp32."""
+    """S = 4096 at the paper's head shape (K=64, V=16, Hq=Hk=1, 84 heads), bf16 and fp32. Over 4,096 steps the
+    recurrence amplifies rounding (W is not the identity), so on some inputs PyTorch's own float32 loop is itself
+    more than 1e-4 from float64 (up to 8.6e-4 in 10 seeds, notes_kernel.md): in fp32 each output must be within
+    1e-4 of float64 or within 4 times that loop's own error on the same inputs."""
     for dtype in (torch.float32, torch.bfloat16):
         inputs = make_inputs(1, 4096, 64, 16, (1, 1, 84, 84, 84), dtype, h0=True, w_noise=0.1)
-        assert_matches_reference(*run_both(inputs, 1.0, 64), dtype)
+        outs, refs = run_both(inputs, 1.0, 64)
+        if dtype == torch.bfloat16:
+            assert_matches_reference(outs, refs, dtype)
+            continue
+        loop, _ = run_both(inputs, 1.0, 64, impl="torch")
+        for name, out, fp32_loop, ref in zip(["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"], outs, loop, refs):
+            bound = max(1e-4, 4 * rel_err(fp32_loop, ref))
+            assert rel_err(out, ref) <= bound, f"{name}: {rel_err(out, ref):.2e} > {bound:.2e}"
 
 
 @gpu
