@@ -639,6 +639,10 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
     with W = 0 that is the linear ablation, a gated linear-attention layer. With bf16 inputs the
     kernel keeps its stored copies of the state in float16 (_state_copy_dtype): h0 must stay within
     float16's range (|h0| < 65504; every later state is then bounded by max(|h0|, 1)).
+    Outputs summed with float32 atomics from more than two terms take them in a run-dependent order, so
+    they can differ in the last bits from run to run: y when K > 32 (the rows are split over programs,
+    each thread adding its partial sums), the gradients of inputs shared by heads (dq and dk in the
+    paper's configuration), and dv, df when K > 64. dW is summed on the host and does not vary.
     """
     _check_inputs(q, k, v, W, f, h0)
     if impl == "auto":
