@@ -50,22 +50,24 @@ def make_inputs(B, S, K, V, heads, dtype, h0=True, device=DEVICE, seed=None, w_n
     return cast(q), cast(k), cast(v), keep(W), keep(f), (keep(h) if h0 else None)
 
 
-def run_both(inputs, grad_clip, chunk, seed=0, nonlinear=True, impl="triton"):
-    """Kernel (or, with impl="torch", the reference loop in the inputs' dtype) and float64 reference on the same
-    inputs and output gradients: (outputs, grads) each."""
-    q, k, v, W, f, h0 = inputs
-    leaves = [x for x in (q, k, v, W, f, h0) if x is not None]
-    kern = [x.detach().clone().requires_grad_() for x in leaves]
-    ref = [x.detach().double().requires_grad_() for x in leaves]
-    pad = lambda xs: xs + [None] * (6 - len(xs))
-    y, h = m2rnn(*pad(kern), grad_clip=grad_clip, impl=impl, chunk=chunk, nonlinear=nonlinear)
+def run_impl(inputs, impl, grad_clip, chunk, seed=0, nonlinear=True, dtype=None):
+    """m2rnn(impl=...) on copies of the inputs (cast to dtype if given): [y, h_last, *the inputs' gradients], for
+    output gradients drawn from seed, the same draws whatever the impl and dtype."""
+    leaves = [x.detach().clone().to(dtype or x.dtype).requires_grad_() for x in inputs if x is not None]
+    y, h = m2rnn(*leaves, *[None] * (6 - len(leaves)), grad_clip=grad_clip, impl=impl, chunk=chunk,
+                 nonlinear=nonlinear)
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(y.shape, generator=g).to(y.device)
     dh = torch.randn(h.shape, generator=g).to(h.device)
-    grads = torch.autograd.grad((y.float() * dy).sum() + (h * dh).sum(), kern)
-    y_ref, h_ref = m2rnn_reference(*pad(ref), grad_clip=grad_clip, nonlinear=nonlinear)
-    grads_ref = torch.autograd.grad((y_ref * dy.double()).sum() + (h_ref * dh.double()).sum(), ref)
-    return [y, h, *grads], [y_ref, h_ref, *grads_ref]
+    wide = torch.promote_types(y.dtype, torch.float32)
+    grads = torch.autograd.grad((y.to(wide) * dy.to(wide)).sum() + (h * dh.to(h.dtype)).sum(), leaves)
+    return [y, h, *grads]
+
+
+def run_both(inputs, grad_clip, chunk, seed=0, nonlinear=True):
+    """Kernel and float64 reference on the same inputs and output gradients: (outputs, grads) each."""
+    return (run_impl(inputs, "triton", grad_clip, chunk, seed, nonlinear),
+            run_impl(inputs, "torch", grad_clip, chunk, seed, nonlinear, dtype=torch.float64))
 
 
 def assert_matches_reference(outs, refs, dtype):
@@ -397,7 +399,7 @@ def test_gpu_long_sequence_float64_reference():
         if dtype == torch.bfloat16:
             assert_matches_reference(outs, refs, dtype)
             continue
-        loop, _ = run_both(inputs, 1.0, 64, impl="torch")
+        loop = run_impl(inputs, "torch", 1.0, 64)  # PyTorch's float32 loop, same output gradients
         for name, out, fp32_loop, ref in zip(["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"], outs, loop, refs):
             bound = max(1e-4, 4 * rel_err(fp32_loop, ref))
             assert rel_err(out, ref) <= bound, f"{name}: {rel_err(out, ref):.2e} > {bound:.2e}"
