@@ -50,6 +50,9 @@ def make_inputs(B, S, K, V, heads, dtype, h0=True, device=DEVICE, seed=None, w_n
     return cast(q), cast(k), cast(v), keep(W), keep(f), (keep(h) if h0 else None)
 
 
+OUTPUT_NAMES = ["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"]  # what run_impl returns, in order
+
+
 def run_impl(inputs, impl, grad_clip, chunk, seed=0, nonlinear=True, dtype=None):
     """m2rnn(impl=...) on copies of the inputs (cast to dtype if given): [y, h_last, *the inputs' gradients], for
     output gradients drawn from seed, the same draws whatever the impl and dtype."""
@@ -73,7 +76,7 @@ def run_both(inputs, grad_clip, chunk, seed=0, nonlinear=True):
 def assert_matches_reference(outs, refs, dtype):
     """run_both's outputs and gradients (dh0 only if h0 was given) within the dtype's tolerance of float64."""
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for name, out, ref in zip(["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"], outs, refs):
+    for name, out, ref in zip(OUTPUT_NAMES, outs, refs):
         assert out.shape == ref.shape, name
         assert rel_err(out, ref) <= tol, f"{dtype} {name}: relative error {rel_err(out, ref):.2e} > {tol}"
 
@@ -400,7 +403,7 @@ def test_gpu_long_sequence_float64_reference():
             assert_matches_reference(outs, refs, dtype)
             continue
         loop = run_impl(inputs, "torch", 1.0, 64)  # PyTorch's float32 loop, same output gradients
-        for name, out, fp32_loop, ref in zip(["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"], outs, loop, refs):
+        for name, out, fp32_loop, ref in zip(OUTPUT_NAMES, outs, loop, refs):
             bound = max(1e-4, 4 * rel_err(fp32_loop, ref))
             assert rel_err(out, ref) <= bound, f"{name}: {rel_err(out, ref):.2e} > {bound:.2e}"
 
