@@ -524,8 +524,9 @@ class GPT(nn.Module):
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
         """Model FLOPs utilisation: achieved / peak. fwdbwd_per_iter sequences of block_size tokens per
-        iteration taking dt seconds. peak_flops defaults to the GPU's bf16 dense peak; None when unknown."""
-        peak_flops = peak_flops or gpu_peak_flops()
+        iteration taking dt seconds. peak_flops defaults to the bf16 dense peak of the GPU holding the model;
+        None when unknown (a CPU, an unlisted GPU)."""
+        peak_flops = peak_flops or gpu_peak_flops(self.lm_head.weight.device)
         if peak_flops is None:
             return None
         return self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
@@ -631,9 +632,11 @@ def sample_next(logits, temperature=1.0, top_k=None):
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense tensor-core peak, by name substring
 
 
-def gpu_peak_flops():
-    """bf16 dense peak of the current CUDA device from PEAK_FLOPS, or None (then MFU is not reported)."""
-    if not torch.cuda.is_available():
+def gpu_peak_flops(device):
+    """bf16 dense peak of a CUDA device from PEAK_FLOPS, or None (then MFU is not reported): also for a model
+    run on the CPU of a machine that has a GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)

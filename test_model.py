@@ -177,8 +177,7 @@ def test_flops_and_mfu():
     model = tiny(**FAMILIES["hybrid"])
     assert model.flops_per_token() > 6 * model.get_num_params()
     assert model.estimate_mfu(1, 1.0, peak_flops=1e12) == pytest.approx(model.flops_per_token() * 16 / 1e12)
-    if not torch.cuda.is_available():
-        assert model.estimate_mfu(1, 1.0) is None  # unknown peak: no number rather than a wrong one
+    assert model.estimate_mfu(1, 1.0) is None  # on the CPU (GPU or not beside it): no number rather than a wrong one
 
 
 def test_compile_fullgraph_matches_eager():
