@@ -205,6 +205,19 @@ def _unstack8(x, N: tl.constexpr):
 
 
 @triton.jit
+def _load_tile8(p_q, p_k, p_v, p_f, t, S, stride_qs, stride_ks, stride_vs, stride_fs, m_kv, V: tl.constexpr):
+    """Inputs of steps t..t+7 as tiles, one column per step: q, k (BK, 8), v (V, 8), and f as a (V, 8) tile
+    (each step's f repeated over V: it scales the state's columns). Steps past S read f = 1 and k = v = q = 0."""
+    o_s = t + tl.arange(0, 8)
+    m_s = (o_s < S)[None, :]
+    t_q = tl.load(p_q[:, None] + o_s[None, :] * stride_qs, mask=m_kv & m_s, other=0.0)
+    t_k = tl.load(p_k[:, None] + o_s[None, :] * stride_ks, mask=m_kv & m_s, other=0.0)
+    t_v = tl.load(p_v[:, None] + o_s[None, :] * stride_vs, mask=m_s, other=0.0)
+    t_f = tl.load(p_f + o_s[None, :] * stride_fs + 0 * tl.arange(0, V)[:, None], mask=m_s, other=1.0)
+    return t_q, t_k, t_v, t_f
+
+
+@triton.jit
 def _m2rnn_fwd_kernel(
     Q, Kt, Vt, W, F, H0, Y, HT, CKPT,
     stride_qb, stride_qs, stride_qh, stride_qk,
@@ -265,23 +278,21 @@ def _m2rnn_fwd_kernel(
         m_y_last = m_v
     else:
         # the same steps, 8 at a time: q, k, v, f of 8 steps loaded as one tile each, so one layout change per
-        # tile instead of one per step and input; Triton's pipeliner fetches the next tile during these 8
-        # steps. Steps past S (the last tile of a ragged S) read f = 1 and k = v = q = 0: H passes through
-        # them unchanged, and their read-outs are not stored.
-        o_s = tl.arange(0, 8)
+        # tile instead of one per step and input. The next tile is loaded while this one is computed (left to
+        # Triton's pipeliner, this forward was 6-17% slower with the device's Triton 3.6: notes_kernel.md, v12).
+        # Steps past S (the last tile of a ragged S) read f = 1 and k = v = q = 0: H passes through them
+        # unchanged, and their read-outs are not stored.
+        n_q, n_k, n_v, n_f = _load_tile8(p_q, p_k, p_v, p_f, 0, S, stride_qs, stride_ks, stride_vs, stride_fs, m_kv, V)
         for i_c in range(NC):
             tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)  # as above
             for j in range(0, tl.minimum(C, S - i_c * C), 8):
                 t = i_c * C + j
-                m_s = (t + o_s) < S
-                m_ks = m_kv & m_s[None, :]
-                t_q = tl.load(p_q[:, None] + (t + o_s)[None, :] * stride_qs, mask=m_ks, other=0.0).to(tl.float32)
-                t_k = tl.load(p_k[:, None] + (t + o_s)[None, :] * stride_ks, mask=m_ks, other=0.0).to(tl.float32)
-                t_v = tl.load(p_v[:, None] + (t + o_s)[None, :] * stride_vs, mask=m_s[None, :], other=0.0)
-                # f as a (V, 8) tile (each step's f repeated over V): it scales the state's columns
-                t_f = tl.load(p_f + (t + o_s)[None, :] * stride_fs + 0 * o_v[:, None], mask=m_s[None, :], other=1.0)
-                qs, ks, vs, fs = (_unstack8(t_q, BK), _unstack8(t_k, BK), _unstack8(t_v.to(tl.float32), V),
-                                  _unstack8(t_f.to(tl.float32), V))
+                # this tile, and the next one loaded now, 8 steps ahead of its use
+                t_q, t_k, t_v, t_f = n_q, n_k, n_v, n_f
+                n_q, n_k, n_v, n_f = _load_tile8(p_q, p_k, p_v, p_f, t + 8, S, stride_qs, stride_ks, stride_vs,
+                                                 stride_fs, m_kv, V)
+                qs, ks, vs, fs = (_unstack8(t_q.to(tl.float32), BK), _unstack8(t_k.to(tl.float32), BK),
+                                  _unstack8(t_v.to(tl.float32), V), _unstack8(t_f.to(tl.float32), V))
                 p_y_prev = p_y + (t - 1) * H * V
                 for s in tl.static_range(8):  # unrolled: s is a constant in each copy
                     # step t + s stores y_{t+s-1} if that step exists: none before step 0, none past S - 1
