@@ -28,7 +28,8 @@ The kernel, in reading order:
     recomputes the chunk's states forward (storing H_{t-1} in a small per-program scratch of
     C steps), then walks the chunk backward with the equations of the spec §3, recomputing
     Z_t from H_{t-1} on the way. Memory is O(S/C + C) states instead of O(S): no buffer of
-    all S states ever exists. Checkpoints and scratch are float16 for bf16 inputs.
+    all S states ever exists. Checkpoints and scratch are float16 for bf16 inputs. Where the grid
+    is small, chunk c is walked while chunk c−1 is recomputed, a step of each in one loop.
   * the `torch.library` custom ops and their autograd, so torch.compile traces through.
   * `m2rnn(...)`, the public function, and `m2rnn_reference(...)`, a literal loop.
 """
@@ -313,6 +314,95 @@ def _m2rnn_fwd_kernel(
 
 
 @triton.jit
+def _recompute_step(b_h, b_w, b_k, b_v, b_f, b_dy, p_scr_j, p_dq_t, m_k, Q_ATOMIC: tl.constexpr,
+                    RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr):
+    """Step t of the recompute pass: stores H_{t-1} in the scratch and returns H_t, as the forward did; and
+    dq_t = H_t dy_t, which needs no gradient from later steps, so it is done here, where H_t is at hand."""
+    b_hs = b_h.to(p_scr_j.dtype.element_ty)  # H_{t-1} as stored: Z comes from it here and in the reverse walk
+    b_z = _candidate(b_hs, b_w, b_k, b_v, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+    tl.store(p_scr_j, b_hs)
+    b_h = b_f * b_h + (1.0 - b_f) * b_z  # H_t
+    _store_or_add(p_dq_t, tl.sum(b_h * b_dy[None, :], axis=1), m_k, Q_ATOMIC)  # dq_t = H_t dy_t   (BK,)
+    return b_h
+
+
+@triton.jit
+def _reverse_step(b_g, b_dw, b_hp, b_q, b_k, b_v, b_f, b_dy, b_w, clip, t, p_dk, p_dv, p_df, m_k, m_v,
+                  DK_STEP: tl.constexpr, DV_STEP: tl.constexpr, DF_STEP: tl.constexpr, CLIP: tl.constexpr,
+                  K_ATOMIC: tl.constexpr, V_ATOMIC: tl.constexpr, F_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+                  DW_PRECISION: tl.constexpr, RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
+                  NONLINEAR: tl.constexpr):
+    """Step t of the reverse walk (spec §3). b_g: the gradient reaching H_t from later steps; b_hp: H_{t-1} from
+    the scratch. Returns the gradient reaching H_{t-1}, and dW with this step's term; stores dk_t, dv_t, df_t
+    (their addresses are formed here, at the stores: formed by the caller, they held ~7 more registers across
+    the step, which pushed the capped 400M backward into spills on Triton 3.6)."""
+    # Z_t again from H_{t-1}: off the chain through G, and half the scratch traffic of storing it
+    b_z = _candidate(b_hp, b_w, b_k, b_v, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+    b_hp = b_hp.to(tl.float32)
+    # G_t = G + q_t dy_tᵀ: everything that reaches H_t, then clipped (spec §3)
+    b_g = b_g + b_q[:, None] * b_dy[None, :]
+    if CLIP:
+        b_g = tl.minimum(tl.maximum(b_g, -clip), clip)
+    b_da = (1.0 - b_f) * b_g  # dA_t: gradient at the tanh input
+    if NONLINEAR:
+        b_da = b_da * (1.0 - b_z * b_z)
+    b_df = tl.sum(tl.sum(b_g * (b_hp - b_z), axis=1), axis=0)  # df_t = Σ G_t ⊙ (H_{t-1} − Z_t)
+    # G = f_t G_t + dA_t Wᵀ flows on to H_{t-1}: the dependency chain of the backward
+    b_g = b_f * b_g + _matmul(b_da, tl.trans(b_w), PRECISION)
+    b_dw += _matmul(tl.trans(b_hp), b_da, DW_PRECISION)  # dW += H_{t-1}ᵀ dA_t
+    b_dk = tl.sum(b_da * b_v[None, :], axis=1)  # dk_t = dA_t v_t       (BK,)
+    b_dv = tl.sum(b_da * b_k[:, None], axis=0)  # dv_t = dA_tᵀ k_t      (V,)
+    _store_or_add(p_dk + t * DK_STEP, b_dk, m_k, K_ATOMIC)
+    _store_or_add(p_dv + t * DV_STEP, b_dv, m_v, V_ATOMIC)
+    _store_or_add(p_df + t * DF_STEP, b_df, None, F_ATOMIC)
+    return b_g, b_dw
+
+
+@triton.jit
+def _recompute_chunk(p_ckpt_c, m_kv, t0, n_t, p_scr_c, p_q, p_k, p_v, p_f, p_dy, p_dq, stride_qs, stride_ks,
+                     stride_vs, stride_fs, m_k, b_w, DY_STEP: tl.constexpr, DQ_STEP: tl.constexpr,
+                     Q_ATOMIC: tl.constexpr, RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
+                     NONLINEAR: tl.constexpr):
+    """Steps t0 .. t0+n_t−1 again from their checkpoint: H_{t-1} of each into the scratch p_scr_c, dq added."""
+    b_h = tl.load(p_ckpt_c, mask=m_kv, other=0.0).to(tl.float32)
+    n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
+    n_dy = tl.load(p_dy + t0 * DY_STEP).to(tl.float32)
+    for j in range(n_t):
+        b_k, b_v, b_f, b_dy = n_k, n_v, n_f, n_dy
+        j_n = tl.minimum(j + 1, n_t - 1)  # the next step's inputs load during this one
+        n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
+        n_dy = tl.load(p_dy + (t0 + j_n) * DY_STEP).to(tl.float32)
+        b_h = _recompute_step(b_h, b_w, b_k, b_v, b_f, b_dy, p_scr_c + j * b_h.shape[0] * b_h.shape[1],
+                              p_dq + (t0 + j) * DQ_STEP, m_k, Q_ATOMIC, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+
+
+@triton.jit
+def _walk_chunk(b_g, b_dw, t0, n_t, p_scr_c, p_q, p_k, p_v, p_f, p_dy, p_dk, p_dv, p_df, stride_qs, stride_ks,
+                stride_vs, stride_fs, m_k, m_v, b_w, clip, DY_STEP: tl.constexpr, DK_STEP: tl.constexpr,
+                DV_STEP: tl.constexpr, DF_STEP: tl.constexpr, CLIP: tl.constexpr, K_ATOMIC: tl.constexpr,
+                V_ATOMIC: tl.constexpr, F_ATOMIC: tl.constexpr, PRECISION: tl.constexpr, DW_PRECISION: tl.constexpr,
+                RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr):
+    """Steps t0+n_t−1 down to t0 backward, their H_{t-1} from the scratch p_scr_c: returns G and dW."""
+    STEP: tl.constexpr = b_g.shape[0] * b_g.shape[1]
+    j = n_t - 1
+    n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
+    n_dy = tl.load(p_dy + (t0 + j) * DY_STEP).to(tl.float32)
+    n_hp = tl.load(p_scr_c + j * STEP)
+    for j_r in range(n_t):
+        j = n_t - 1 - j_r
+        t = t0 + j
+        b_q, b_k, b_v, b_f, b_dy, b_hp = n_q, n_k, n_v, n_f, n_dy, n_hp
+        j_n = tl.maximum(j - 1, 0)  # inputs of the step before load while this one computes (clamped at t0)
+        n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
+        n_dy = tl.load(p_dy + (t0 + j_n) * DY_STEP).to(tl.float32)
+        n_hp = tl.load(p_scr_c + j_n * STEP)  # H_{t-2}
+        b_g, b_dw = _reverse_step(b_g, b_dw, b_hp, b_q, b_k, b_v, b_f, b_dy, b_w, clip, t, p_dk, p_dv, p_df, m_k, m_v,
+                                  DK_STEP, DV_STEP, DF_STEP, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, PRECISION,
+                                  DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+    return b_g, b_dw
+
+
+@triton.jit
 def _m2rnn_bwd_kernel(
     Q, Kt, Vt, W, F, CKPT, DY, DHT,
     DQ, DK, DV, DF, DW, DH0, SCRATCH,
@@ -325,11 +415,15 @@ def _m2rnn_bwd_kernel(
     HW: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr,
     C: tl.constexpr, HAS_DHT: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr,
     DW_PRECISION: tl.constexpr, RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
-    """Reverse walk of spec §3 over the rows [i_k·BK, (i_k+1)·BK) of one (batch, head).
+    """Reverse walk of spec §3 over the rows [i_k·BK, (i_k+1)·BK) of one (batch, head), chunk by chunk from the
+    last: recompute the chunk's states from its checkpoint into a scratch, then walk them backward.
     dq, dk are per row, so they are added over the heads sharing q, k; dv, df sum over rows,
     so they are added over row blocks too. dW is written per (batch, head, row block) and
-    summed on the host (deterministic, and small: B·H·NB·V·V numbers)."""
+    summed on the host (deterministic, and small: B·H·NB·V·V numbers).
+    INTERLEAVED (S a multiple of C; a scratch of two chunks, chunk c in half c % 2): chunk c is walked backward
+    while chunk c − 1 is recomputed, a step of each per iteration: two independent chains for the warp."""
     i_bh, i_k = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = i_k * BK + tl.arange(0, BK)
@@ -350,8 +444,10 @@ def _m2rnn_bwd_kernel(
     o_state = (i_bh * K + o_k[:, None]) * V + o_v[None, :]
     o_tile = o_k[:, None] * V + o_v[None, :]  # offsets in one (K,V) state
     p_ckpt = CKPT + i_bh * NC * K * V + o_tile
-    # this program's scratch: C recomputed states H_{t-1}, each a (BK,V) block
-    p_scr = SCRATCH + (i_bh * NB + i_k) * C * BK * V + tl.arange(0, BK)[:, None] * V + o_v[None, :]
+    # this program's scratch: recomputed states H_{t-1}, each a (BK,V) block; C of them, or 2·C if INTERLEAVED
+    STEP: tl.constexpr = BK * V
+    p_scr = (SCRATCH + (i_bh * NB + i_k) * (2 if INTERLEAVED else 1) * C * STEP
+             + tl.arange(0, BK)[:, None] * V + o_v[None, :])
 
     b_w = tl.load(W + (i_h // (H // HW)) * V * V + o_v[:, None] * V + o_v[None, :])  # (V,V)
     if HAS_DHT:
@@ -366,65 +462,62 @@ def _m2rnn_bwd_kernel(
     V_ATOMIC: tl.constexpr = (HV < H) or (NB > 1)
     F_ATOMIC: tl.constexpr = (HF < H) or (NB > 1)
 
-    for i_r in range(NC):
-        i_c = NC - 1 - i_r
-        t0 = i_c * C
-        n_t = tl.minimum(C, S - t0)
-        # recompute the chunk's states from its checkpoint, as the forward did; dq_t = H_t dy_t
-        # needs no gradient from later steps, so it is done here, where H_t is at hand
-        b_h = tl.load(p_ckpt + i_c * K * V, mask=m_kv, other=0.0).to(tl.float32)
-        n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
-        n_dy = tl.load(p_dy + t0 * H * V).to(tl.float32)
-        for j in range(n_t):
-            t = t0 + j
-            b_k, b_v, b_f, b_dy = n_k, n_v, n_f, n_dy
-            j_n = tl.minimum(j + 1, n_t - 1)
-            n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs,
-                                            stride_fs, m_k)
-            n_dy = tl.load(p_dy + (t0 + j_n) * H * V).to(tl.float32)
-            b_hs = b_h.to(SCRATCH.dtype.element_ty)  # H_{t-1} as stored: Z comes from it here and below
-            b_z = _candidate(b_hs, b_w, b_k, b_v, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
-            tl.store(p_scr + j * BK * V, b_hs)
-            b_h = b_f * b_h + (1.0 - b_f) * b_z  # H_t
-            b_dq = tl.sum(b_h * b_dy[None, :], axis=1)  # dq_t = H_t dy_t   (BK,)
-            _store_or_add(p_dq + t * HQ * K, b_dq, m_k, Q_ATOMIC)
+    if INTERLEAVED:
+        # chunk NC − 1's states first, alone; then each iteration walks chunk i_c beside chunk i_c − 1's recompute
+        _recompute_chunk(p_ckpt + (NC - 1) * K * V, m_kv, (NC - 1) * C, C, p_scr + ((NC - 1) % 2) * C * STEP,
+                         p_q, p_k, p_v, p_f, p_dy, p_dq, stride_qs, stride_ks, stride_vs, stride_fs, m_k, b_w,
+                         H * V, HQ * K, Q_ATOMIC, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
         tl.debug_barrier()  # scratch written by some threads is read by others below
-
-        # walk the chunk backward; inputs of step t-1 are loaded while step t computes
-        j = n_t - 1
-        n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
-        n_dy = tl.load(p_dy + (t0 + j) * H * V).to(tl.float32)
-        n_hp = tl.load(p_scr + j * BK * V)
-        for j_r in range(n_t):
-            j = n_t - 1 - j_r
-            t = t0 + j
-            b_q, b_k, b_v, b_f, b_dy, b_hp = n_q, n_k, n_v, n_f, n_dy, n_hp
-            j_n = tl.maximum(j - 1, 0)  # the step before, clamped at the chunk's start
-            n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs,
+        for i_r in range(NC - 1):
+            i_c = NC - 1 - i_r  # walked; chunk i_c − 1 recomputed beside it, into the other half of the scratch
+            t0, t_r = i_c * C, (i_c - 1) * C
+            p_scr_walk, p_scr_r = p_scr + (i_c % 2) * C * STEP, p_scr + ((i_c - 1) % 2) * C * STEP
+            b_h = tl.load(p_ckpt + (i_c - 1) * K * V, mask=m_kv, other=0.0).to(tl.float32)
+            r_q, r_k, r_v, r_f = _load_step(p_q, p_k, p_v, p_f, t_r, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
+            r_dy = tl.load(p_dy + t_r * H * V).to(tl.float32)
+            n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + C - 1, stride_qs, stride_ks, stride_vs,
                                             stride_fs, m_k)
-            n_dy = tl.load(p_dy + (t0 + j_n) * H * V).to(tl.float32)
-            n_hp = tl.load(p_scr + j_n * BK * V)  # H_{t-2}
-            # Z_t again from H_{t-1}: off the chain through G, and half the scratch traffic of storing it
-            b_z = _candidate(b_hp, b_w, b_k, b_v, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
-            b_hp = b_hp.to(tl.float32)
-
-            # G_t = G + q_t dy_tᵀ: everything that reaches H_t, then clipped (spec §3)
-            b_g = b_g + b_q[:, None] * b_dy[None, :]
-            if CLIP:
-                b_g = tl.minimum(tl.maximum(b_g, -clip), clip)
-            b_da = (1.0 - b_f) * b_g  # dA_t: gradient at the tanh input
-            if NONLINEAR:
-                b_da = b_da * (1.0 - b_z * b_z)
-            b_df = tl.sum(tl.sum(b_g * (b_hp - b_z), axis=1), axis=0)  # df_t = Σ G_t ⊙ (H_{t-1} − Z_t)
-            # G = f_t G_t + dA_t Wᵀ flows on to H_{t-1}: the dependency chain of the backward
-            b_g = b_f * b_g + _matmul(b_da, tl.trans(b_w), PRECISION)
-            b_dw += _matmul(tl.trans(b_hp), b_da, DW_PRECISION)  # dW += H_{t-1}ᵀ dA_t
-            b_dk = tl.sum(b_da * b_v[None, :], axis=1)  # dk_t = dA_t v_t       (BK,)
-            b_dv = tl.sum(b_da * b_k[:, None], axis=0)  # dv_t = dA_tᵀ k_t      (V,)
-            _store_or_add(p_dk + t * HK * K, b_dk, m_k, K_ATOMIC)
-            _store_or_add(p_dv + t * HV * V, b_dv, m_v, V_ATOMIC)
-            _store_or_add(p_df + t * HF, b_df, None, F_ATOMIC)
-        tl.debug_barrier()  # the next chunk overwrites the scratch these threads just read
+            n_dy = tl.load(p_dy + (t0 + C - 1) * H * V).to(tl.float32)
+            n_hp = tl.load(p_scr_walk + (C - 1) * STEP)
+            for i in range(C):
+                # recompute step t_r + i (inputs one step ahead, as in _recompute_chunk)
+                b_k, b_v, b_f, b_dy = r_k, r_v, r_f, r_dy
+                i_n = tl.minimum(i + 1, C - 1)
+                r_q, r_k, r_v, r_f = _load_step(p_q, p_k, p_v, p_f, t_r + i_n, stride_qs, stride_ks, stride_vs,
+                                                stride_fs, m_k)
+                r_dy = tl.load(p_dy + (t_r + i_n) * H * V).to(tl.float32)
+                b_h = _recompute_step(b_h, b_w, b_k, b_v, b_f, b_dy, p_scr_r + i * STEP, p_dq + (t_r + i) * HQ * K,
+                                      m_k, Q_ATOMIC, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+                # reverse step t0 + j (inputs one step behind, as in _walk_chunk)
+                j = C - 1 - i
+                b_q, b_k, b_v, b_f, b_dy, b_hp = n_q, n_k, n_v, n_f, n_dy, n_hp
+                j_n = tl.maximum(j - 1, 0)
+                n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs,
+                                                stride_fs, m_k)
+                n_dy = tl.load(p_dy + (t0 + j_n) * H * V).to(tl.float32)
+                n_hp = tl.load(p_scr_walk + j_n * STEP)
+                b_g, b_dw = _reverse_step(b_g, b_dw, b_hp, b_q, b_k, b_v, b_f, b_dy, b_w, clip, t0 + j, p_dk, p_dv,
+                                          p_df, m_k, m_v, HK * K, HV * V, HF, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC,
+                                          PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+            tl.debug_barrier()  # the next iteration overwrites the half these threads just read
+        b_g, b_dw = _walk_chunk(b_g, b_dw, 0, C, p_scr, p_q, p_k, p_v, p_f, p_dy, p_dk, p_dv, p_df, stride_qs,
+                                stride_ks, stride_vs, stride_fs, m_k, m_v, b_w, clip, H * V, HK * K, HV * V, HF,
+                                CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, PRECISION, DW_PRECISION, RECOMPUTE_PRECISION,
+                                FAST_TANH, NONLINEAR)
+    else:
+        for i_r in range(NC):
+            i_c = NC - 1 - i_r
+            t0 = i_c * C
+            n_t = tl.minimum(C, S - t0)
+            _recompute_chunk(p_ckpt + i_c * K * V, m_kv, t0, n_t, p_scr, p_q, p_k, p_v, p_f, p_dy, p_dq, stride_qs,
+                             stride_ks, stride_vs, stride_fs, m_k, b_w, H * V, HQ * K, Q_ATOMIC, RECOMPUTE_PRECISION,
+                             FAST_TANH, NONLINEAR)
+            tl.debug_barrier()  # scratch written by some threads is read by others below
+            b_g, b_dw = _walk_chunk(b_g, b_dw, t0, n_t, p_scr, p_q, p_k, p_v, p_f, p_dy, p_dk, p_dv, p_df, stride_qs,
+                                    stride_ks, stride_vs, stride_fs, m_k, m_v, b_w, clip, H * V, HK * K, HV * V, HF,
+                                    CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, PRECISION, DW_PRECISION, RECOMPUTE_PRECISION,
+                                    FAST_TANH, NONLINEAR)
+            tl.debug_barrier()  # the next chunk overwrites the scratch these threads just read
     tl.store(DH0 + o_state, b_g, mask=m_kv)
     tl.store(DW + ((i_bh * NB + i_k) * V + o_v[:, None]) * V + o_v[None, :], b_dw)
 
@@ -544,6 +637,17 @@ def _backward_rows_per_program(B, H, K, BK, sms):
     return BK
 
 
+# Two chains a warp need more registers (up to ~200): 8 programs per SM, as the tiled forward.
+_BWD_INTERLEAVED_PROGRAMS_PER_SM = 8
+
+
+def _backward_interleaved(B, H, NB, S, chunk, sms):
+    """Whether the backward walks chunk c while it recomputes chunk c − 1 (INTERLEAVED): where S is a multiple of
+    the chunk and all B·H·NB programs fit on `sms` multiprocessors (0: not a GPU) at 8 per SM. In a grid that
+    small each warp waits on its own chain most of the time (notes_kernel.md, v13): a second chain fills that."""
+    return S % chunk == 0 and B * H * NB <= _BWD_INTERLEAVED_PROGRAMS_PER_SM * sms
+
+
 def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
     B, S, _, K = q.shape
     V = v.shape[-1]
@@ -558,7 +662,9 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     df = _output(f.shape, f, atomic=heads["HF"] < H or NB > 1)
     dw = _empty(B, H, NB, V, V, device=q.device, dtype=torch.float32)
     dh0 = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    scratch = _empty(B * H * NB, chunk, BK, V, device=q.device, dtype=_state_copy_dtype(q.dtype))
+    interleaved = _backward_interleaved(B, H, NB, S, chunk, _sm_count(q))
+    scratch = _empty(B * H * NB, 2 if interleaved else 1, chunk, BK, V, device=q.device,
+                     dtype=_state_copy_dtype(q.dtype))
     dht = dh_last.float().contiguous() if dh_last is not None else dh0  # dummy when absent
     _m2rnn_bwd_kernel[(B * H, NB)](
         q, k, v, W.float().contiguous(), f, ckpt, dy.contiguous(), dht,
@@ -566,8 +672,8 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC, float(grad_clip or 0.0),
         H=H, **heads, K=K, V=V, NB=NB, C=chunk, HAS_DHT=dh_last is not None, CLIP=grad_clip is not None,
         DW_PRECISION=_dw_precision(config["PRECISION"]), RECOMPUTE_PRECISION=_recompute_precision(config["PRECISION"]),
-        NONLINEAR=nonlinear, **config,
-        maxnreg=_BWD_MAX_REGISTERS,
+        NONLINEAR=nonlinear, INTERLEAVED=interleaved, **config,
+        maxnreg=None if interleaved else _BWD_MAX_REGISTERS,
     )
     del scratch  # before the casts below allocate
     # dW: sum over batch and row blocks, then over the heads that share one W

@@ -287,6 +287,33 @@ def test_kernel_backward_with_smaller_row_blocks(dtype, poisoned, monkeypatch):
     assert_matches_reference(outs, refs, dtype)
 
 
+def test_backward_interleaved_rule():
+    """The interleaved backward only where S is a multiple of the chunk and all programs fit at 8 per SM."""
+    inter = m2rnn_kernel._backward_interleaved
+    assert inter(1, 84, 4, 4096, 64, 132) and inter(4, 132, 2, 4096, 64, 132)  # B=1 (16 rows); 7B: 8 per SM
+    assert not inter(8, 84, 2, 4096, 64, 132) and not inter(12, 64, 2, 1024, 64, 132)  # 400M, config/hybrid.py
+    assert not inter(1, 84, 4, 4000, 64, 132) and not inter(1, 84, 4, 4096, 64, 0)  # ragged S; not a GPU
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("S", [12, 4], ids=["three-chunks", "one-chunk"])
+def test_kernel_backward_interleaved(dtype, S, poisoned, monkeypatch):
+    """On a GPU, a small grid's backward walks chunk c while it recomputes chunk c − 1 (two halves of the
+    scratch); forced here with C = 4: chunk 2 recomputed alone, two interleaved iterations, chunk 0 walked
+    alone; and S = C, where only the first and the last of these run. K = 64: row blocks add into dv, df."""
+    used = []
+
+    def interleave(B, H, NB, S, chunk, sms):
+        used.append(S % chunk == 0)
+        return S % chunk == 0
+
+    monkeypatch.setattr(m2rnn_kernel, "_backward_interleaved", interleave)
+    outs, refs = run_both(make_inputs(1, S, 64, 16, (1, 1, 2, 2, 2), dtype), 0.5, 4)
+    assert used == [True]
+    assert_matches_reference(outs, refs, dtype)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernel_linear_ablation_matches_reference(dtype, poisoned):
