@@ -365,6 +365,7 @@ def _recompute_chunk(p_ckpt_c, m_kv, t0, n_t, p_scr_c, p_q, p_k, p_v, p_f, p_dy,
                      NONLINEAR: tl.constexpr):
     """Steps t0 .. t0+n_t−1 again from their checkpoint: H_{t-1} of each into the scratch p_scr_c, dq added."""
     b_h = tl.load(p_ckpt_c, mask=m_kv, other=0.0).to(tl.float32)
+    STEP: tl.constexpr = b_h.shape[0] * b_h.shape[1]
     n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
     n_dy = tl.load(p_dy + t0 * DY_STEP).to(tl.float32)
     for j in range(n_t):
@@ -372,8 +373,8 @@ def _recompute_chunk(p_ckpt_c, m_kv, t0, n_t, p_scr_c, p_q, p_k, p_v, p_f, p_dy,
         j_n = tl.minimum(j + 1, n_t - 1)  # the next step's inputs load during this one
         n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
         n_dy = tl.load(p_dy + (t0 + j_n) * DY_STEP).to(tl.float32)
-        b_h = _recompute_step(b_h, b_w, b_k, b_v, b_f, b_dy, p_scr_c + j * b_h.shape[0] * b_h.shape[1],
-                              p_dq + (t0 + j) * DQ_STEP, m_k, Q_ATOMIC, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+        b_h = _recompute_step(b_h, b_w, b_k, b_v, b_f, b_dy, p_scr_c + j * STEP, p_dq + (t0 + j) * DQ_STEP, m_k,
+                              Q_ATOMIC, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
 
 
 @triton.jit
@@ -582,16 +583,18 @@ def _output(shape, like, atomic):
     return _empty(*shape, device=like.device, dtype=like.dtype)
 
 
-# The forward with 8-step input tiles (TILE8) takes ~200 registers against 92: two one-warp programs fit per
-# scheduler (8 per SM) instead of five. Measured (notes_kernel.md, v10): faster where the grid fits in those 8
-# (B=1: 1.78 -> 1.34 ms; 7B, exactly 8 per SM: 2.04 -> 1.93), slower where it does not (400M: 2.66 -> 3.19).
-_FWD_TILED_PROGRAMS_PER_SM = 8
+# One-warp programs resident per SM at up to 255 registers a thread (64K registers / (256 · 32)). The kernels'
+# register-hungry forms (the forward's 8-step tiles, ~200 against 92; the interleaved backward, ~220) are used
+# only where the whole grid fits in that many.
+_PROGRAMS_PER_SM_UNCAPPED = 8
 
 
 def _forward_tiled(B, H, NB, chunk, sms):
     """Whether the forward loads its inputs as tiles of 8 steps: where the chunk is a multiple of 8 and all
-    B·H·NB programs fit on `sms` multiprocessors (0: not a GPU) at the tiled forward's register count."""
-    return chunk % 8 == 0 and B * H * NB <= _FWD_TILED_PROGRAMS_PER_SM * sms
+    B·H·NB programs fit on `sms` multiprocessors (0: not a GPU) at 8 per SM. Measured (notes_kernel.md, v10):
+    faster where the grid fits (B=1: 1.78 -> 1.34 ms; 7B, exactly 8 per SM: 2.04 -> 1.93), slower where it does
+    not (400M: 2.66 -> 3.19)."""
+    return chunk % 8 == 0 and B * H * NB <= _PROGRAMS_PER_SM_UNCAPPED * sms
 
 
 def _sm_count(x):
@@ -637,15 +640,11 @@ def _backward_rows_per_program(B, H, K, BK, sms):
     return BK
 
 
-# Two chains a warp need more registers (up to ~200): 8 programs per SM, as the tiled forward.
-_BWD_INTERLEAVED_PROGRAMS_PER_SM = 8
-
-
 def _backward_interleaved(B, H, NB, S, chunk, sms):
     """Whether the backward walks chunk c while it recomputes chunk c − 1 (INTERLEAVED): where S is a multiple of
     the chunk and all B·H·NB programs fit on `sms` multiprocessors (0: not a GPU) at 8 per SM. In a grid that
     small each warp waits on its own chain most of the time (notes_kernel.md, v13): a second chain fills that."""
-    return S % chunk == 0 and B * H * NB <= _BWD_INTERLEAVED_PROGRAMS_PER_SM * sms
+    return S % chunk == 0 and B * H * NB <= _PROGRAMS_PER_SM_UNCAPPED * sms
 
 
 def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
