@@ -21,6 +21,7 @@ SHAPES = {  # name: (B, S, H, K, V), Hq = Hk = 1 as in the paper
     "400M": (8, 4096, 84, 64, 16),
     "7B": (4, 4096, 132, 64, 16),
     "B1-S4096": (1, 4096, 84, 64, 16),
+    "B4-S4096": (4, 4096, 84, 64, 16),  # 16-row backward programs, interleaved under the register cap
     "B2-S16384": (2, 16384, 84, 64, 16),
     "hybrid-124M": (12, 1024, 64, 64, 16),  # config/hybrid.py: batch 12 × 1024 tokens per GPU
 }

@@ -640,11 +640,16 @@ def _backward_rows_per_program(B, H, K, BK, sms):
     return BK
 
 
-def _backward_interleaved(B, H, NB, S, chunk, sms):
+def _backward_interleaved(B, H, NB, BK, S, chunk, sms):
     """Whether the backward walks chunk c while it recomputes chunk c − 1 (INTERLEAVED): where S is a multiple of
-    the chunk and all B·H·NB programs fit on `sms` multiprocessors (0: not a GPU) at 8 per SM. In a grid that
-    small each warp waits on its own chain most of the time (notes_kernel.md, v13): a second chain fills that."""
-    return S % chunk == 0 and B * H * NB <= _PROGRAMS_PER_SM_UNCAPPED * sms
+    the chunk and all B·H·NB programs run at once on `sms` multiprocessors (0: not a GPU): at 8 per SM with no
+    register cap, or, 16-row programs, at 12 per SM under the cap (their interleaved form fits in its 168
+    registers; 32-row ones spill and lose there: 400M 8.61 -> 8.98 ms). In a grid that small each warp waits on
+    its own chain most of the time (notes_kernel.md, v13): a second chain fills that. Measured (v14): B=4 at
+    H=84, 1,344 16-row programs, 5.60 -> 5.12 ms."""
+    programs = B * H * NB
+    return S % chunk == 0 and (programs <= _PROGRAMS_PER_SM_UNCAPPED * sms
+                               or BK == 16 and programs <= _BWD_PROGRAMS_PER_SM * sms)
 
 
 def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
@@ -653,7 +658,8 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     H, heads = _heads(q, k, v, W, f)
     NC = ckpt.shape[2]
     config = _launch_config(K, q.dtype)
-    BK = config["BK"] = _backward_rows_per_program(B, H, K, config["BK"], _sm_count(q))
+    sms = _sm_count(q)
+    BK = config["BK"] = _backward_rows_per_program(B, H, K, config["BK"], sms)
     NB = triton.cdiv(K, BK)
     dq = _output(q.shape, q, atomic=heads["HQ"] < H)
     dk = _output(k.shape, k, atomic=heads["HK"] < H)
@@ -661,7 +667,8 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     df = _output(f.shape, f, atomic=heads["HF"] < H or NB > 1)
     dw = _empty(B, H, NB, V, V, device=q.device, dtype=torch.float32)
     dh0 = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    interleaved = _backward_interleaved(B, H, NB, S, chunk, _sm_count(q))
+    interleaved = _backward_interleaved(B, H, NB, BK, S, chunk, sms)
+    capped = not interleaved or B * H * NB > _PROGRAMS_PER_SM_UNCAPPED * sms
     scratch = _empty(B * H * NB, 2 if interleaved else 1, chunk, BK, V, device=q.device,
                      dtype=_state_copy_dtype(q.dtype))
     dht = dh_last.float().contiguous() if dh_last is not None else dh0  # dummy when absent
@@ -672,7 +679,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
         H=H, **heads, K=K, V=V, NB=NB, C=chunk, HAS_DHT=dh_last is not None, CLIP=grad_clip is not None,
         DW_PRECISION=_dw_precision(config["PRECISION"]), RECOMPUTE_PRECISION=_recompute_precision(config["PRECISION"]),
         NONLINEAR=nonlinear, INTERLEAVED=interleaved, **config,
-        maxnreg=None if interleaved else _BWD_MAX_REGISTERS,
+        maxnreg=_BWD_MAX_REGISTERS if capped else None,
     )
     del scratch  # before the casts below allocate
     # dW: sum over batch and row blocks, then over the heads that share one W

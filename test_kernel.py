@@ -288,11 +288,14 @@ def test_kernel_backward_with_smaller_row_blocks(dtype, poisoned, monkeypatch):
 
 
 def test_backward_interleaved_rule():
-    """The interleaved backward only where S is a multiple of the chunk and all programs fit at 8 per SM."""
+    """The interleaved backward only where S is a multiple of the chunk and all programs run at once: at 8 per
+    SM, or, 16-row programs, at 12 per SM (an H200's 132 SMs)."""
     inter = m2rnn_kernel._backward_interleaved
-    assert inter(1, 84, 4, 4096, 64, 132) and inter(4, 132, 2, 4096, 64, 132)  # B=1 (16 rows); 7B: 8 per SM
-    assert not inter(8, 84, 2, 4096, 64, 132) and not inter(12, 64, 2, 1024, 64, 132)  # 400M, config/hybrid.py
-    assert not inter(1, 84, 4, 4000, 64, 132) and not inter(1, 84, 4, 4096, 64, 0)  # ragged S; not a GPU
+    assert inter(1, 84, 4, 16, 4096, 64, 132) and inter(4, 132, 2, 32, 4096, 64, 132)  # B=1 (16 rows); 7B: 8 per SM
+    assert inter(4, 84, 4, 16, 4096, 64, 132)  # 1,344 16-row programs: over 8 per SM, within 12
+    assert not inter(8, 84, 2, 32, 4096, 64, 132) and not inter(12, 64, 2, 32, 1024, 64, 132)  # 400M, hybrid
+    assert not inter(8, 84, 4, 16, 4096, 64, 132)  # 2,688 16-row programs: over 12 per SM
+    assert not inter(1, 84, 4, 16, 4000, 64, 132) and not inter(1, 84, 4, 16, 4096, 64, 0)  # ragged S; not a GPU
 
 
 @needs_triton
@@ -304,7 +307,7 @@ def test_kernel_backward_interleaved(dtype, S, poisoned, monkeypatch):
     alone; and S = C, where only the first and the last of these run. K = 64: row blocks add into dv, df."""
     used = []
 
-    def interleave(B, H, NB, S, chunk, sms):
+    def interleave(B, H, NB, BK, S, chunk, sms):
         used.append(S % chunk == 0)
         return S % chunk == 0
 
