@@ -640,16 +640,16 @@ def _backward_rows_per_program(B, H, K, BK, sms):
     return BK
 
 
-def _backward_interleaved(B, H, NB, BK, S, chunk, sms):
+def _backward_interleaved(B, H, NB, BK, S, chunk, sms, dtype):
     """Whether the backward walks chunk c while it recomputes chunk c − 1 (INTERLEAVED): where S is a multiple of
     the chunk and all B·H·NB programs run at once on `sms` multiprocessors (0: not a GPU): at 8 per SM with no
-    register cap, or, 16-row programs, at 12 per SM under the cap (their interleaved form fits in its 168
-    registers; 32-row ones spill and lose there: 400M 8.61 -> 8.98 ms). In a grid that small each warp waits on
-    its own chain most of the time (notes_kernel.md, v13): a second chain fills that. Measured (v14): B=4 at
-    H=84, 1,344 16-row programs, 5.60 -> 5.12 ms."""
+    register cap, or, 16-row programs with bf16 inputs, at 12 per SM under the cap (that form fits in its 168
+    registers; 32-row ones spill and lose there, 400M 8.61 -> 8.98 ms, and so do fp32 ones, B=3 H=132 +2%). In a
+    grid that small each warp waits on its own chain most of the time (notes_kernel.md, v13): a second chain fills
+    that. Measured (v14): B=4 at H=84, 1,344 16-row programs, 5.60 -> 5.12 ms."""
     programs = B * H * NB
-    return S % chunk == 0 and (programs <= _PROGRAMS_PER_SM_UNCAPPED * sms
-                               or BK == 16 and programs <= _BWD_PROGRAMS_PER_SM * sms)
+    fits_capped = BK == 16 and dtype != torch.float32 and programs <= _BWD_PROGRAMS_PER_SM * sms
+    return S % chunk == 0 and (programs <= _PROGRAMS_PER_SM_UNCAPPED * sms or fits_capped)
 
 
 def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
@@ -667,7 +667,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     df = _output(f.shape, f, atomic=heads["HF"] < H or NB > 1)
     dw = _empty(B, H, NB, V, V, device=q.device, dtype=torch.float32)
     dh0 = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    interleaved = _backward_interleaved(B, H, NB, BK, S, chunk, sms)
+    interleaved = _backward_interleaved(B, H, NB, BK, S, chunk, sms, q.dtype)
     capped = not interleaved or B * H * NB > _PROGRAMS_PER_SM_UNCAPPED * sms
     scratch = _empty(B * H * NB, 2 if interleaved else 1, chunk, BK, V, device=q.device,
                      dtype=_state_copy_dtype(q.dtype))

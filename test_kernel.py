@@ -289,13 +289,17 @@ def test_kernel_backward_with_smaller_row_blocks(dtype, poisoned, monkeypatch):
 
 def test_backward_interleaved_rule():
     """The interleaved backward only where S is a multiple of the chunk and all programs run at once: at 8 per
-    SM, or, 16-row programs, at 12 per SM (an H200's 132 SMs)."""
-    inter = m2rnn_kernel._backward_interleaved
-    assert inter(1, 84, 4, 16, 4096, 64, 132) and inter(4, 132, 2, 32, 4096, 64, 132)  # B=1 (16 rows); 7B: 8 per SM
-    assert inter(4, 84, 4, 16, 4096, 64, 132)  # 1,344 16-row programs: over 8 per SM, within 12
-    assert not inter(8, 84, 2, 32, 4096, 64, 132) and not inter(12, 64, 2, 32, 1024, 64, 132)  # 400M, hybrid
-    assert not inter(8, 84, 4, 16, 4096, 64, 132)  # 2,688 16-row programs: over 12 per SM
-    assert not inter(1, 84, 4, 16, 4000, 64, 132) and not inter(1, 84, 4, 16, 4096, 64, 0)  # ragged S; not a GPU
+    SM, or, 16-row programs with bf16 inputs, at 12 per SM (an H200's 132 SMs)."""
+    def inter(B, H, NB, BK, S, dtype=torch.bfloat16, sms=132):
+        return m2rnn_kernel._backward_interleaved(B, H, NB, BK, S, 64, sms, dtype)
+
+    assert inter(1, 84, 4, 16, 4096) and inter(4, 132, 2, 32, 4096)  # B=1 (16 rows); 7B: 8 per SM
+    assert inter(4, 132, 2, 32, 4096, torch.float32)  # within 8 per SM: fp32 too
+    assert inter(4, 84, 4, 16, 4096)  # 1,344 16-row programs: over 8 per SM, within 12
+    assert not inter(4, 84, 4, 16, 4096, torch.float32)  # the same in fp32: it spills under the cap
+    assert not inter(8, 84, 2, 32, 4096) and not inter(12, 64, 2, 32, 1024)  # 400M, config/hybrid.py
+    assert not inter(8, 84, 4, 16, 4096)  # 2,688 16-row programs: over 12 per SM
+    assert not inter(1, 84, 4, 16, 4000) and not inter(1, 84, 4, 16, 4096, sms=0)  # ragged S; not a GPU
 
 
 @needs_triton
@@ -307,7 +311,7 @@ def test_kernel_backward_interleaved(dtype, S, poisoned, monkeypatch):
     alone; and S = C, where only the first and the last of these run. K = 64: row blocks add into dv, df."""
     used = []
 
-    def interleave(B, H, NB, BK, S, chunk, sms):
+    def interleave(B, H, NB, BK, S, chunk, sms, dtype):
         used.append(S % chunk == 0)
         return S % chunk == 0
 
