@@ -446,6 +446,28 @@ def test_gpu_long_sequence_float64_reference():
 
 
 @gpu
+@pytest.mark.parametrize("B,H", [(1, 84), (4, 84), (8, 84), (4, 132)], ids=["B1", "B4", "B8", "B4-H132"])
+def test_gpu_backward_forms_float64_reference(B, H, poisoned, monkeypatch):
+    """The backward's launch rules pick its form from the grid: on an H200 (132 SMs) 16-row interleaved programs
+    (B=1), 16-row interleaved ones under the register cap (B=4), 32-row ones under the cap, not interleaved (B=8:
+    the 400M grid), 32-row interleaved ones without a cap (B=4, H=132: the 7B grid); the interpreter cannot tell
+    a register cap. Each against float64, bf16, S = 192 (three chunks)."""
+    forms = []
+    rule = m2rnn_kernel._backward_interleaved
+
+    def record(B_, H_, NB, BK, S, chunk, sms, dtype):
+        forms.append((BK, rule(B_, H_, NB, BK, S, chunk, sms, dtype)))
+        return forms[-1][1]
+
+    monkeypatch.setattr(m2rnn_kernel, "_backward_interleaved", record)
+    inputs = make_inputs(B, 192, 64, 16, (1, 1, H, H, H), torch.bfloat16, w_noise=0.1)
+    outs, refs = run_both(inputs, 1.0, 64)
+    assert_matches_reference(outs, refs, torch.bfloat16)
+    if torch.cuda.get_device_properties(0).multi_processor_count == 132:
+        assert forms == [{(1, 84): (16, True), (4, 84): (16, True), (8, 84): (32, False), (4, 132): (32, True)}[B, H]]
+
+
+@gpu
 def test_gpu_paper_shape_memory_and_forward():
     """B=8, S=4096, H=84, K=64, V=16, bf16: peak extra memory of forward+backward ≤ 1 GiB,
     and the forward agrees with an fp32 reference forward."""
