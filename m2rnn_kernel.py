@@ -589,12 +589,18 @@ def _output(shape, like, atomic):
 _PROGRAMS_PER_SM_UNCAPPED = 8
 
 
+def _all_resident(programs, per_sm, sms):
+    """Whether `programs` one-warp programs all run at once on `sms` multiprocessors (0: not a GPU), `per_sm` each:
+    the question behind every launch rule below, since a grid that does not fit runs a second wave."""
+    return programs <= per_sm * sms
+
+
 def _forward_tiled(B, H, NB, chunk, sms):
     """Whether the forward loads its inputs as tiles of 8 steps: where the chunk is a multiple of 8 and all
     B·H·NB programs fit on `sms` multiprocessors (0: not a GPU) at 8 per SM. Measured (notes_kernel.md, v10):
     faster where the grid fits (B=1: 1.78 -> 1.34 ms; 7B, exactly 8 per SM: 2.04 -> 1.93), slower where it does
     not (400M: 2.66 -> 3.19)."""
-    return chunk % 8 == 0 and B * H * NB <= _PROGRAMS_PER_SM_UNCAPPED * sms
+    return chunk % 8 == 0 and _all_resident(B * H * NB, _PROGRAMS_PER_SM_UNCAPPED, sms)
 
 
 def _sm_count(x):
@@ -635,7 +641,7 @@ def _backward_rows_per_program(B, H, K, BK, sms):
     while each program waits on its chain, and more programs fill those waits (B=1: 4.9 → 3.9 ms;
     notes_kernel.md, v9). A grid that would not fit runs a second wave, which costs more than the extra
     programs gain (400M: 9.7 → 12.1 ms)."""
-    if BK > 16 and B * H * triton.cdiv(K, BK // 2) <= _BWD_PROGRAMS_PER_SM * sms:
+    if BK > 16 and _all_resident(B * H * triton.cdiv(K, BK // 2), _BWD_PROGRAMS_PER_SM, sms):
         return BK // 2
     return BK
 
@@ -648,8 +654,8 @@ def _backward_interleaved(B, H, NB, BK, S, chunk, sms, dtype):
     grid that small each warp waits on its own chain most of the time (notes_kernel.md, v13): a second chain fills
     that. Measured (v14): B=4 at H=84, 1,344 16-row programs, 5.60 -> 5.12 ms."""
     programs = B * H * NB
-    fits_capped = BK == 16 and dtype != torch.float32 and programs <= _BWD_PROGRAMS_PER_SM * sms
-    return S % chunk == 0 and (programs <= _PROGRAMS_PER_SM_UNCAPPED * sms or fits_capped)
+    fits_capped = BK == 16 and dtype != torch.float32 and _all_resident(programs, _BWD_PROGRAMS_PER_SM, sms)
+    return S % chunk == 0 and (_all_resident(programs, _PROGRAMS_PER_SM_UNCAPPED, sms) or fits_capped)
 
 
 def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
@@ -668,7 +674,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     dw = _empty(B, H, NB, V, V, device=q.device, dtype=torch.float32)
     dh0 = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
     interleaved = _backward_interleaved(B, H, NB, BK, S, chunk, sms, q.dtype)
-    capped = not interleaved or B * H * NB > _PROGRAMS_PER_SM_UNCAPPED * sms
+    uncapped = interleaved and _all_resident(B * H * NB, _PROGRAMS_PER_SM_UNCAPPED, sms)
     scratch = _empty(B * H * NB, 2 if interleaved else 1, chunk, BK, V, device=q.device,
                      dtype=_state_copy_dtype(q.dtype))
     dht = dh_last.float().contiguous() if dh_last is not None else dh0  # dummy when absent
@@ -679,7 +685,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
         H=H, **heads, K=K, V=V, NB=NB, C=chunk, HAS_DHT=dh_last is not None, CLIP=grad_clip is not None,
         DW_PRECISION=_dw_precision(config["PRECISION"]), RECOMPUTE_PRECISION=_recompute_precision(config["PRECISION"]),
         NONLINEAR=nonlinear, INTERLEAVED=interleaved, **config,
-        maxnreg=_BWD_MAX_REGISTERS if capped else None,
+        maxnreg=None if uncapped else _BWD_MAX_REGISTERS,
     )
     del scratch  # before the casts below allocate
     # dW: sum over batch and row blocks, then over the heads that share one W
