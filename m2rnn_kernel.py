@@ -23,7 +23,8 @@ The kernel, in reading order:
     (H W mixes columns only, k_t[i] scales row i), so a program owns BK rows and keeps them
     in registers for the whole sequence. Every C steps it writes the state to a checkpoint
     buffer (B,H,NC,K,V) with NC = ceil(S/C): that is all the backward needs. Where the grid
-    is small, it loads its inputs 8 steps at a time (one layout change per tile, not per step).
+    is small, it loads its inputs 8 steps at a time (one layout change per tile, not per step), and
+    where even programs of 16 rows all fit, it runs those (more warps to hide each one's chain).
   * backward: chunks in reverse order. For each chunk the program reloads the checkpoint,
     recomputes the chunk's states forward (storing H_{t-1} in a small per-program scratch of
     C steps), then walks the chunk backward with the equations of the spec §3, recomputing
@@ -585,8 +586,15 @@ def _output(shape, like, atomic):
 
 # One-warp programs resident per SM at up to 255 registers a thread (64K registers / (256 · 32)). The kernels'
 # register-hungry forms (the forward's 8-step tiles, ~200 against 92; the interleaved backward, ~220) are used
-# only where the whole grid fits in that many.
+# only where the whole grid fits in that many, or, as 16-row programs, under the cap below.
 _PROGRAMS_PER_SM_UNCAPPED = 8
+# Registers are split among an SM's 4 schedulers, 16K each, and a program (one warp) lives on one. At most
+# 168 a thread (5,376 a warp), 3 programs fit per scheduler: 12 per SM, more than the 10.2 that the 400M
+# shape needs. Left to itself the compiler took 166-199 for the backward (by H and Triton version), and above
+# 170 only 8 fit: the last programs then ran as a second wave (400M: 12.1 vs 9.8 ms; hybrid: 3.1 vs 2.5;
+# notes_kernel.md, v8).
+_MAX_REGISTERS = 168
+_PROGRAMS_PER_SM_CAPPED = 12  # one-warp programs resident at once under that cap
 
 
 def _all_resident(programs, per_sm, sms):
@@ -595,12 +603,33 @@ def _all_resident(programs, per_sm, sms):
     return programs <= per_sm * sms
 
 
-def _forward_tiled(B, H, NB, chunk, sms):
-    """Whether the forward loads its inputs as tiles of 8 steps: where the chunk is a multiple of 8 and all
-    B·H·NB programs fit on `sms` multiprocessors (0: not a GPU) at 8 per SM. Measured (notes_kernel.md, v10):
-    faster where the grid fits (B=1: 1.78 -> 1.34 ms; 7B, exactly 8 per SM: 2.04 -> 1.93), slower where it does
-    not (400M: 2.66 -> 3.19)."""
-    return chunk % 8 == 0 and _all_resident(B * H * NB, _PROGRAMS_PER_SM_UNCAPPED, sms)
+def _hungry_form_fits(programs, BK, dtype, sms):
+    """Whether a register-hungry form (the forward's tiles, the interleaved backward) runs all `programs` at once
+    on `sms` multiprocessors (0: not a GPU): without a cap at 8 per SM, or, 16-row programs with bf16 inputs, at
+    12 per SM under the cap (those fit in its 168 registers; 32-row ones and fp32 ones spill there and lose:
+    backward 400M 8.61 -> 8.98 ms, B=3 H=132 fp32 +2%, notes_kernel.md v14)."""
+    fits_capped = BK == 16 and dtype != torch.float32 and _all_resident(programs, _PROGRAMS_PER_SM_CAPPED, sms)
+    return _all_resident(programs, _PROGRAMS_PER_SM_UNCAPPED, sms) or fits_capped
+
+
+def _forward_tiled(B, H, NB, BK, chunk, sms, dtype):
+    """Whether the forward loads its inputs as tiles of 8 steps: where the chunk is a multiple of 8 and the
+    B·H·NB programs of BK rows all fit at once (_hungry_form_fits). Measured (notes_kernel.md, v10): faster where
+    the grid fits (B=1: 1.78 -> 1.34 ms; 7B, exactly 8 per SM: 2.04 -> 1.93), slower where it does not (400M:
+    2.66 -> 3.19)."""
+    return chunk % 8 == 0 and _hungry_form_fits(B * H * NB, BK, dtype, sms)
+
+
+def _forward_rows_per_program(B, H, K, BK, chunk, sms, dtype):
+    """Half the rows per program, so twice the programs, where those run in tiles (_forward_tiled). A small grid
+    leaves each scheduler waiting on its few programs' chains, and more programs fill the waits; a 16-row
+    program issues ~20% more instructions per row with tiles (its loads and layout changes are per warp), and
+    ~35% more without, which lost everywhere (B=1: 1.06 -> 1.66 ms). Measured (notes_kernel.md, v15), forward
+    ms: B=1 1.06 -> 0.72, B=4 1.67 -> 1.42, B=2 S=16384 4.47 -> 4.04, fp32 B=1 5.34 -> 2.59; a grid over 12 per SM
+    lost even at 16 per SM under 128 registers (7B, 2,112 programs: 1.69 -> 1.93)."""
+    if BK > 16 and _forward_tiled(B, H, triton.cdiv(K, BK // 2), BK // 2, chunk, sms, dtype):
+        return BK // 2
+    return BK
 
 
 def _sm_count(x):
@@ -613,7 +642,11 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear):
     H, heads = _heads(q, k, v, W, f)
     NC = triton.cdiv(S, chunk)
     config = _launch_config(K, q.dtype)
-    NB = triton.cdiv(K, config["BK"])
+    sms = _sm_count(q)
+    BK = config["BK"] = _forward_rows_per_program(B, H, K, config["BK"], chunk, sms, q.dtype)
+    NB = triton.cdiv(K, BK)
+    tiled = _forward_tiled(B, H, NB, BK, chunk, sms, q.dtype)
+    uncapped = not tiled or _all_resident(B * H * NB, _PROGRAMS_PER_SM_UNCAPPED, sms)
     y = _output((B, S, H, V), q, atomic=NB > 1)
     h_last = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
     ckpt = _empty(B, H, NC, K, V, device=q.device, dtype=_state_copy_dtype(q.dtype))
@@ -622,17 +655,9 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear):
         q, k, v, W.float().contiguous(), f, h0, y, h_last, ckpt,
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC,
         H=H, **heads, K=K, V=V, C=chunk, HAS_H0=h0 is not h_last, Y_ATOMIC=NB > 1, NONLINEAR=nonlinear,
-        TILE8=_forward_tiled(B, H, NB, chunk, _sm_count(q)), **config,
+        TILE8=tiled, **config, maxnreg=None if uncapped else _MAX_REGISTERS,
     )
     return y.to(q.dtype), h_last, ckpt
-
-
-# Registers are split among an SM's 4 schedulers, 16K each, and a program (one warp) lives on one. At most
-# 168 a thread (5,376 a warp), 3 programs fit per scheduler: 12 per SM, more than the 10.2 that the 400M
-# shape needs. Left to itself the compiler took 166-199 (by H and Triton version), and above 170 only 8 fit:
-# the last programs then ran as a second wave (400M: 12.1 vs 9.8 ms; hybrid: 3.1 vs 2.5; notes_kernel.md, v8).
-_BWD_MAX_REGISTERS = 168
-_BWD_PROGRAMS_PER_SM = 12  # one-warp programs resident at once under that cap
 
 
 def _backward_rows_per_program(B, H, K, BK, sms):
@@ -641,21 +666,17 @@ def _backward_rows_per_program(B, H, K, BK, sms):
     while each program waits on its chain, and more programs fill those waits (B=1: 4.9 → 3.9 ms;
     notes_kernel.md, v9). A grid that would not fit runs a second wave, which costs more than the extra
     programs gain (400M: 9.7 → 12.1 ms)."""
-    if BK > 16 and _all_resident(B * H * triton.cdiv(K, BK // 2), _BWD_PROGRAMS_PER_SM, sms):
+    if BK > 16 and _all_resident(B * H * triton.cdiv(K, BK // 2), _PROGRAMS_PER_SM_CAPPED, sms):
         return BK // 2
     return BK
 
 
 def _backward_interleaved(B, H, NB, BK, S, chunk, sms, dtype):
     """Whether the backward walks chunk c while it recomputes chunk c − 1 (INTERLEAVED): where S is a multiple of
-    the chunk and all B·H·NB programs run at once on `sms` multiprocessors (0: not a GPU): at 8 per SM with no
-    register cap, or, 16-row programs with bf16 inputs, at 12 per SM under the cap (that form fits in its 168
-    registers; 32-row ones spill and lose there, 400M 8.61 -> 8.98 ms, and so do fp32 ones, B=3 H=132 +2%). In a
-    grid that small each warp waits on its own chain most of the time (notes_kernel.md, v13): a second chain fills
-    that. Measured (v14): B=4 at H=84, 1,344 16-row programs, 5.60 -> 5.12 ms."""
-    programs = B * H * NB
-    fits_capped = BK == 16 and dtype != torch.float32 and _all_resident(programs, _BWD_PROGRAMS_PER_SM, sms)
-    return S % chunk == 0 and (_all_resident(programs, _PROGRAMS_PER_SM_UNCAPPED, sms) or fits_capped)
+    the chunk and the B·H·NB programs of BK rows all fit at once (_hungry_form_fits). In a grid that small each
+    warp waits on its own chain most of the time (notes_kernel.md, v13): a second chain fills that. Measured
+    (v14): B=4 at H=84, 1,344 16-row programs, 5.60 -> 5.12 ms."""
+    return S % chunk == 0 and _hungry_form_fits(B * H * NB, BK, dtype, sms)
 
 
 def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
@@ -685,7 +706,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
         H=H, **heads, K=K, V=V, NB=NB, C=chunk, HAS_DHT=dh_last is not None, CLIP=grad_clip is not None,
         DW_PRECISION=_dw_precision(config["PRECISION"]), RECOMPUTE_PRECISION=_recompute_precision(config["PRECISION"]),
         NONLINEAR=nonlinear, INTERLEAVED=interleaved, **config,
-        maxnreg=None if uncapped else _BWD_MAX_REGISTERS,
+        maxnreg=None if uncapped else _MAX_REGISTERS,
     )
     del scratch  # before the casts below allocate
     # dW: sum over batch and row blocks, then over the heads that share one W

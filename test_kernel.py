@@ -233,31 +233,53 @@ def test_kernel_matches_reference(case, dtype, poisoned):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("S,chunk,K", [(16, 8, 16), (13, 8, 16), (19, 16, 16), (13, 8, 64)],
-                         ids=["S16-C8", "S13-C8-ragged", "S19-C16-ragged", "S13-C8-K64-two-row-blocks"])
-def test_kernel_forward_in_tiles_of_8_steps(S, chunk, K, dtype, poisoned, monkeypatch):
+@pytest.mark.parametrize("S,chunk,K,BK", [(16, 8, 16, 16), (13, 8, 16, 16), (19, 16, 16, 16), (13, 8, 64, 32),
+                                          (13, 8, 64, 16)],
+                         ids=["S16-C8", "S13-C8-ragged", "S19-C16-ragged", "S13-C8-K64-two-row-blocks",
+                              "S13-C8-K64-four-16-row-blocks"])
+def test_kernel_forward_in_tiles_of_8_steps(S, chunk, K, BK, dtype, poisoned, monkeypatch):
     """On a GPU, a small grid's forward loads its inputs 8 steps at a time (TILE8), the last tile of a ragged
-    S padded with steps that leave the state as it is; forced here. At K=64 two programs per head add their
-    read-outs into y, each thread its own partial sums (_read_out)."""
+    S padded with steps that leave the state as it is; forced here. At K=64 two or four programs per head add
+    their read-outs into y, each thread its own partial sums (_read_out)."""
     tiled = []
 
-    def always(B, H, NB, chunk, sms):
-        tiled.append(chunk)
+    def always(B, H, NB, BK_, chunk, sms, dtype):
+        tiled.append((BK_, chunk))
         return True
 
     monkeypatch.setattr(m2rnn_kernel, "_forward_tiled", always)
+    monkeypatch.setattr(m2rnn_kernel, "_forward_rows_per_program", lambda B, H, K, BK_, *rest: min(BK_, BK))
     outs, refs = run_both(make_inputs(2, S, K, 16, (1, 1, 2, 2, 2), dtype), 0.5, chunk)
-    assert tiled == [chunk]
+    assert tiled == [(BK, chunk)]
     assert_matches_reference(outs, refs, dtype)
 
 
 @needs_triton
 def test_forward_tiled_rule():
-    """8-step tiles only where all programs fit at 8 per SM on an H200's 132 SMs, and C is a multiple of 8."""
-    tiled = m2rnn_kernel._forward_tiled
-    assert tiled(1, 84, 2, 64, 132) and tiled(4, 132, 2, 64, 132)  # B=1; the 7B shape: exactly 8 per SM
-    assert not tiled(8, 84, 2, 64, 132) and not tiled(12, 64, 2, 64, 132)  # 400M, config/hybrid.py
-    assert not tiled(1, 84, 2, 60, 132) and not tiled(1, 84, 2, 64, 0)  # C not a multiple of 8; not a GPU
+    """8-step tiles only where C is a multiple of 8 and all programs fit on an H200's 132 SMs: at 8 per SM, or,
+    16-row programs with bf16 inputs, at 12 per SM."""
+    def tiled(B, H, NB, BK, chunk=64, dtype=torch.bfloat16, sms=132):
+        return m2rnn_kernel._forward_tiled(B, H, NB, BK, chunk, sms, dtype)
+
+    assert tiled(1, 84, 2, 32) and tiled(4, 132, 2, 32)  # B=1; the 7B shape: exactly 8 per SM
+    assert not tiled(8, 84, 2, 32) and not tiled(12, 64, 2, 32)  # 400M, config/hybrid.py
+    assert tiled(4, 84, 4, 16) and tiled(3, 132, 4, 16)  # 1,344 and 1,584 16-row programs: within 12 per SM
+    assert not tiled(4, 84, 4, 16, dtype=torch.float32)  # the same in fp32: over 8 per SM
+    assert not tiled(4, 132, 4, 16) and not tiled(5, 132, 2, 32)  # 2,112 16-row programs; 1,320 32-row ones
+    assert not tiled(1, 84, 2, 32, chunk=60) and not tiled(1, 84, 2, 32, sms=0)  # C not a multiple of 8; no GPU
+
+
+@needs_triton
+def test_forward_rows_per_program_rule():
+    """16-row forward programs only where they run in tiles (an H200's 132 SMs)."""
+    def rows(B, H, dtype=torch.bfloat16, chunk=64, sms=132):
+        return m2rnn_kernel._forward_rows_per_program(B, H, 64, 32, chunk, sms, dtype)
+
+    assert rows(1, 84) == 16 and rows(4, 84) == 16 and rows(3, 132) == 16  # 336, 1,344, 1,584 programs
+    assert rows(4, 132) == 32 and rows(8, 84) == 32 and rows(12, 64) == 32  # 7B, 400M, config/hybrid.py
+    assert rows(4, 84, dtype=torch.float32) == 32  # 1,344 fp32 16-row programs: over 8 per SM
+    assert rows(1, 84, chunk=60) == 32 and rows(1, 84, sms=0) == 32  # no tiles: C not a multiple of 8; no GPU
+    assert m2rnn_kernel._forward_rows_per_program(1, 1, 16, 16, 64, 132, torch.bfloat16) == 16  # already 16
 
 
 @needs_triton
@@ -447,24 +469,34 @@ def test_gpu_long_sequence_float64_reference():
 
 @gpu
 @pytest.mark.parametrize("B,H", [(1, 84), (4, 84), (8, 84), (4, 132)], ids=["B1", "B4", "B8", "B4-H132"])
-def test_gpu_backward_forms_float64_reference(B, H, poisoned, monkeypatch):
-    """The backward's launch rules pick its form from the grid: on an H200 (132 SMs) 16-row interleaved programs
-    (B=1), 16-row interleaved ones under the register cap (B=4), 32-row ones under the cap, not interleaved (B=8:
-    the 400M grid), 32-row interleaved ones without a cap (B=4, H=132: the 7B grid); the interpreter cannot tell
-    a register cap. Each against float64, bf16, S = 192 (three chunks)."""
-    forms = []
-    rule = m2rnn_kernel._backward_interleaved
+def test_gpu_launch_forms_float64_reference(B, H, poisoned, monkeypatch):
+    """The launch rules pick each kernel's form from the grid; on an H200 (132 SMs): the forward in 16-row tiled
+    programs (B=1, B=4), 32-row one-step ones (B=8: the 400M grid), 32-row tiled ones (B=4, H=132: the 7B grid);
+    the backward in 16-row interleaved programs (B=1), 16-row interleaved ones under the register cap (B=4),
+    32-row ones under the cap, not interleaved (B=8), 32-row interleaved ones without a cap (7B). The
+    interpreter cannot tell a register cap. Each against float64, bf16, S = 192 (three chunks)."""
+    forward_forms, backward_forms = [], []
+    tiled_rule, interleaved_rule = m2rnn_kernel._forward_tiled, m2rnn_kernel._backward_interleaved
 
-    def record(B_, H_, NB, BK, S, chunk, sms, dtype):
-        forms.append((BK, rule(B_, H_, NB, BK, S, chunk, sms, dtype)))
-        return forms[-1][1]
+    def record_forward(B_, H_, NB, BK, chunk, sms, dtype):
+        forward_forms.append((BK, tiled_rule(B_, H_, NB, BK, chunk, sms, dtype)))
+        return forward_forms[-1][1]
 
-    monkeypatch.setattr(m2rnn_kernel, "_backward_interleaved", record)
+    def record_backward(B_, H_, NB, BK, S, chunk, sms, dtype):
+        backward_forms.append((BK, interleaved_rule(B_, H_, NB, BK, S, chunk, sms, dtype)))
+        return backward_forms[-1][1]
+
+    monkeypatch.setattr(m2rnn_kernel, "_forward_tiled", record_forward)
+    monkeypatch.setattr(m2rnn_kernel, "_backward_interleaved", record_backward)
     inputs = make_inputs(B, 192, 64, 16, (1, 1, H, H, H), torch.bfloat16, w_noise=0.1)
     outs, refs = run_both(inputs, 1.0, 64)
     assert_matches_reference(outs, refs, torch.bfloat16)
     if torch.cuda.get_device_properties(0).multi_processor_count == 132:
-        assert forms == [{(1, 84): (16, True), (4, 84): (16, True), (8, 84): (32, False), (4, 132): (32, True)}[B, H]]
+        # the forward's rows rule asks _forward_tiled about 16-row programs first; the launch then asks again
+        assert forward_forms[-1] == {(1, 84): (16, True), (4, 84): (16, True), (8, 84): (32, False),
+                                     (4, 132): (32, True)}[B, H]
+        assert backward_forms == [{(1, 84): (16, True), (4, 84): (16, True), (8, 84): (32, False),
+                                   (4, 132): (32, True)}[B, H]]
 
 
 @gpu
