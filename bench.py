@@ -30,6 +30,7 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 from contextlib import nullcontext, redirect_stdout
 
@@ -51,7 +52,7 @@ gen_positions = (128, 512, 1024, 2048, 4096, 8192)  # decoding starts after a pr
 gen_steps = 32  # timed decode steps from each position
 gen_batch_size = 1  # sequences decoded together
 vocab_size = 50257  # GPT-2 BPE, as train.py reads it from OpenWebText's meta.json
-out = ""  # a folder for bench.md (the tables) and bench.json (every number); "": print only
+out = ""  # a folder for bench.md (the tables), bench.json (every number), bench.png; "": print only
 baseline = ""  # bench.json of an earlier run (e.g. one GPU): adds the ratio of tokens/s to it per model
 # -----------------------------------------------------------------------------------------------------------
 BENCH = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, str, tuple)}
@@ -230,6 +231,47 @@ def tables(header, train_rows, gen_rows, base):
     return "\n".join(lines)
 
 
+def plot(header, train_rows, gen_rows, png):
+    """bench.png beside the tables: training tokens/s per model, each bar labelled with its ratio to gpt, and
+    decoding ms/token against the position. Needs matplotlib; without it only the tables are written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench.png not written: the plot needs matplotlib (pip install matplotlib)")
+        return
+    panels = [rows for rows in (train_rows, gen_rows) if rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    axes = list(axes[0])
+    if train_rows:
+        ax = axes.pop(0)
+        gpt = next((r["tokens_per_s"] for r in train_rows if r["model"] == "gpt"), None)
+        bars = ax.bar([r["model"] for r in train_rows], [r["tokens_per_s"] for r in train_rows])
+        if gpt:
+            ax.bar_label(bars, [f"{r['tokens_per_s'] / gpt:.2f}x gpt" for r in train_rows])
+        ax.margins(y=0.12)  # room for the labels
+        ax.set_ylabel("training tokens/s")
+        ax.set_title(f"training step, {train_rows[0]['batch']} x {train_rows[0]['block']} tokens per GPU")
+    if gen_rows:
+        ax = axes.pop(0)
+        for name in dict.fromkeys(r["model"] for r in gen_rows):
+            rows = [r for r in gen_rows if r["model"] == name]
+            ax.plot([r["position"] for r in rows], [r["ms_per_token"] for r in rows], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        positions = sorted({r["position"] for r in gen_rows})
+        ax.set_xticks(positions, [str(p) for p in positions])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("position (tokens already in the context)")
+        ax.set_ylabel("ms per decoded token")
+        ax.set_title("cached decoding")
+        ax.legend()
+    fig.suptitle(textwrap.fill(header, 150), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
 def main(argv):
     s, overrides = parse_args(argv)
     system = train.parse_config(overrides)  # device, dtype, compile, backend, threads
@@ -273,6 +315,7 @@ def main(argv):
                 with open(os.path.join(s["out"], "bench.json"), "w") as f:
                     json.dump({"header": header, "settings": s, "overrides": overrides, "train": train_rows,
                                "generate": gen_rows}, f, indent=1)
+                plot(header, train_rows, gen_rows, os.path.join(s["out"], "bench.png"))
     finally:
         if ddp:
             dist.destroy_process_group()

@@ -4,6 +4,7 @@ builds from the config files, and clear errors for bad flags.
 
     python -m pytest -q test_bench.py
 """
+import importlib.util
 import json
 import os
 import re
@@ -46,6 +47,10 @@ def test_cpu_smoke_run(tmp_path):
     assert gen == [("gpt", 8), ("gpt", 16), ("hybrid", 8), ("hybrid", 16)]
     assert all(r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 and r["cache_mib"] > 0 for r in results["generate"])
     assert "- hybrid: ms/token at position 16 / at 8 = " in table
+    if importlib.util.find_spec("matplotlib"):  # the plot beside the tables, or a line that says what it needs
+        assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not (out / "bench.png").exists() and "pip install matplotlib" in result.stdout
 
 
 def test_models_from_the_configs_at_equal_size():
