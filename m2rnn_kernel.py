@@ -169,16 +169,19 @@ def _load_step(p_q, p_k, p_v, p_f, t, stride_qs, stride_ks, stride_vs, stride_fs
 @triton.jit
 def _read_out(p_y, b_q, b_h, mask, ATOMIC: tl.constexpr):
     """(3) y = Hᵀ q: a sum over the program's rows of the state, into p_y (V,) where mask allows.
-    Where several programs add into y (the rows are split over programs), each thread adds its own
-    partial sums: in the tensor cores' register layout a thread holds rows i, i+8, i+16, ... of its
-    columns, which the reshape below gathers, so no sum crosses threads and the atomic adds (of 4
-    columns at once) finish it. The full sum crossed 8 threads in 3 rounds of shuffles, then went
-    through shared memory to the one thread that added it: 17 more instructions a step (notes_kernel.md, v11)."""
+    Where several programs add into y (the rows are split over programs), the atomic adds finish the
+    sum: in the tensor cores' register layout a thread holds rows i, i+8, i+16, ... of its columns,
+    which the first reshape below gathers with no sum across threads; one round of shuffles then adds
+    the partial sums of neighbouring threads (rows i and i+1), which halves the values the atomics
+    carry, and each thread adds 2 columns. Measured (notes_kernel.md, v11, v16): the full sum (3 rounds,
+    then through shared memory to one thread) cost 17 more instructions a step; no round at all was
+    1.6-3% slower than one (400M, the hybrid's shape, B=4); a second round was 3-9% slower."""
     BK: tl.constexpr = b_h.shape[0]
     V: tl.constexpr = b_h.shape[1]
     if ATOMIC:
         part = tl.sum(tl.reshape(b_q[:, None] * b_h, [BK // 8, 8, V]), axis=0)  # (8, V): row r in part[r % 8]
-        tl.atomic_add(p_y[None, :] + 0 * tl.arange(0, 8)[:, None], part, mask=mask[None, :], sem="relaxed")
+        part = tl.sum(tl.reshape(part, [4, 2, V]), axis=1)  # (4, V): rows 2j and 2j + 1 (mod 8) in part[j]
+        tl.atomic_add(p_y[None, :] + 0 * tl.arange(0, 4)[:, None], part, mask=mask[None, :], sem="relaxed")
     else:
         tl.store(p_y, tl.sum(b_q[:, None] * b_h, axis=0), mask=mask)
 
