@@ -172,10 +172,10 @@ def _read_out(p_y, b_q, b_h, mask, ATOMIC: tl.constexpr):
     Where several programs add into y (the rows are split over programs), the atomic adds finish the
     sum: in the tensor cores' register layout a thread holds rows i, i+8, i+16, ... of its columns,
     which the first reshape below gathers with no sum across threads; one round of shuffles then adds
-    the partial sums of neighbouring threads (rows i and i+1), which halves the values the atomics
-    carry, and each thread adds 2 columns. Measured (notes_kernel.md, v11, v16): the full sum (3 rounds,
+    the partial sums of threads 4 lanes apart (rows i and i+1, mod 8), which halves the values the
+    atomics carry: each thread adds 2 columns. Measured (notes_kernel.md, v11, v16): the full sum (3 rounds,
     then through shared memory to one thread) cost 17 more instructions a step; no round at all was
-    1.6-3% slower than one (400M, the hybrid's shape, B=4); a second round was 3-9% slower."""
+    1.6-3% slower than one (400M, the hybrid's shape, B=4); a second round was 3-10% slower."""
     BK: tl.constexpr = b_h.shape[0]
     V: tl.constexpr = b_h.shape[1]
     if ATOMIC:
@@ -569,8 +569,8 @@ def _state_copy_dtype(dtype):
     """The stored copies of the state: the forward's checkpoints and the backward's scratch of
     recomputed H_{t-1}. With bf16 inputs they are float16, which halves their memory and traffic
     (the scratch's traffic dominates the backward, notes_kernel.md): H_t, a running convex mix of
-    Z's (|Z| < 1) and h0, stays within max(|h0|, 1), where float16 has 11 significant bits, 4 times
-    bf16's; measured at S=4096, the gradients' error against float64 did not move. fp32 inputs
+    Z's (|Z| < 1) and h0, stays within max(|h0|, 1), where float16 has 11 significant bits to bf16's
+    8; measured at S=4096, the gradients' error against float64 did not move. fp32 inputs
     keep float32."""
     return torch.float32 if dtype == torch.float32 else torch.float16
 
@@ -588,13 +588,13 @@ def _output(shape, like, atomic):
 
 
 # One-warp programs resident per SM at up to 255 registers a thread (64K registers / (256 · 32)). The kernels'
-# register-hungry forms (the forward's 8-step tiles, ~200 against 92; the interleaved backward, ~220) are used
+# register-hungry forms (the forward's 8-step tiles, ~200 against ~110; the interleaved backward, ~220) are used
 # only where the whole grid fits in that many, or, as 16-row programs, under the cap below.
 _PROGRAMS_PER_SM_UNCAPPED = 8
 # Registers are split among an SM's 4 schedulers, 16K each, and a program (one warp) lives on one. At most
 # 168 a thread (5,376 a warp), 3 programs fit per scheduler: 12 per SM, more than the 10.2 that the 400M
-# shape needs. Left to itself the compiler took 166-199 for the backward (by H and Triton version), and above
-# 170 only 8 fit: the last programs then ran as a second wave (400M: 12.1 vs 9.8 ms; hybrid: 3.1 vs 2.5;
+# shape needs. Left to itself the compiler took 166-199 for the backward (by H and Triton version), and from
+# 169 on only 8 fit: the last programs then ran as a second wave (400M: 12.1 vs 9.8 ms; hybrid: 3.1 vs 2.5;
 # notes_kernel.md, v8).
 _MAX_REGISTERS = 168
 _PROGRAMS_PER_SM_CAPPED = 12  # one-warp programs resident at once under that cap
@@ -627,8 +627,8 @@ def _forward_rows_per_program(B, H, K, BK, chunk, sms, dtype):
     """Half the rows per program, so twice the programs, where those run in tiles (_forward_tiled). A small grid
     leaves each scheduler waiting on its few programs' chains, and more programs fill the waits; a 16-row
     program issues ~20% more instructions per row with tiles (its loads and layout changes are per warp), and
-    ~35% more without, which lost everywhere (B=1: 1.06 -> 1.66 ms). Measured (notes_kernel.md, v15), forward
-    ms: B=1 1.06 -> 0.72, B=4 1.67 -> 1.42, B=2 S=16384 4.47 -> 4.04, fp32 B=1 5.34 -> 2.59; a grid over 12 per SM
+    ~35% more without, which lost everywhere (B=1: 1.06 -> 1.66 ms). Measured (notes_kernel.md, v15; same-run
+    A/B), forward ms: B=1 1.06 -> 0.72, B=4 1.67 -> 1.42, B=2 S=16384 4.47 -> 4.04, fp32 B=1 5.34 -> 2.59; a grid over 12 per SM
     lost even at 16 per SM under 128 registers (7B, 2,112 programs: 1.69 -> 1.93)."""
     if BK > 16 and _forward_tiled(B, H, triton.cdiv(K, BK // 2), BK // 2, chunk, sms, dtype):
         return BK // 2
@@ -787,19 +787,20 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
     h0 (B,H,K,V) or None (zeros). Returns y (B,S,H,V) in q's dtype and the last state
     (B,H,K,V) in float32. grad_clip=c clamps the gradient reaching every state to [-c, c]
     (spec §3). impl: "triton" (the chunked kernel), "torch" (the reference loop) or "auto"
-    (Triton on CUDA tensors, the reference elsewhere; without the triton package, as on macOS,
-    only the reference). nonlinear=False drops the tanh of (1):
+    (Triton on CUDA tensors, the reference elsewhere, and everywhere without the triton package,
+    as on macOS and Windows). nonlinear=False drops the tanh of (1):
     with W = 0 that is the linear ablation, a gated linear-attention layer. With bf16 inputs the
     kernel keeps its stored copies of the state in float16 (_state_copy_dtype): h0 must stay within
     float16's range (|h0| < 65504; every later state is then bounded by max(|h0|, 1)).
     Outputs summed with float32 atomics from more than two terms take them in a run-dependent order, so
-    they can differ in the last bits from run to run: y when K > 32 (the rows are split over programs,
-    each thread adding its partial sums), the gradients of inputs shared by heads (dq and dk in the
-    paper's configuration), and dv, df when K > 64. dW is summed on the host and does not vary.
+    they can differ in the last bits from run to run: y and, in the backward, dv and df whenever the rows
+    are split over programs (K > 32, or K > 16 where the launch rules pick 16-row programs for a small
+    grid on a GPU), and the gradients of inputs shared by heads (dq and dk in the paper's configuration).
+    dW is summed on the host and does not vary.
     """
     _check_inputs(q, k, v, W, f, h0)
     if impl == "auto":
-        impl = "triton" if q.is_cuda else "torch"
+        impl = "triton" if q.is_cuda and HAVE_TRITON else "torch"
     if impl == "torch":
         return m2rnn_reference(q, k, v, W, f, h0, grad_clip, nonlinear)
     if impl != "triton":

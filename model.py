@@ -489,13 +489,12 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
-        """AdamW. No weight decay on parameters of dim < 2 (norm weights) nor on A_log, dt_bias, D (spec §2; the
-        Gated DeltaNet's A_log and dt_bias by the same names); matrices (Linear, conv, embeddings, M²RNN W) decay."""
-        no_decay_names = ("A_log", "dt_bias", "D")
+        """AdamW. No weight decay on parameters of dim < 2: norm weights, and the M²RNN's A_log, dt_bias, D (spec §2;
+        the Gated DeltaNet's A_log and dt_bias too), all vectors; matrices (Linear, conv, embeddings, M²RNN W) decay."""
         decay, no_decay = [], []
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.requires_grad:
-                (no_decay if p.dim() < 2 or name.split(".")[-1] in no_decay_names else decay).append(p)
+                (no_decay if p.dim() < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         print(f"decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
         print(f"non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")

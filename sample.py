@@ -2,7 +2,7 @@
 Sample from a trained model, streaming the text as it is generated.
 
     python sample.py                                   # out/ckpt.pt, 3 samples from "\\n"
-    python sample.py --out_dir=out-pystdlib --start="def " --num_samples=1 --max_new_tokens=2000
+    python sample.py --out_dir=out-tiny --start="def " --num_samples=1 --max_new_tokens=2000
     python sample.py --start=FILE:prompt.txt --temperature=0   # prompt from a file, greedy decoding
 
 Generation uses the cached path (GPT.generate): M²RNN layers carry an O(1) state, attention layers a

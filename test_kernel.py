@@ -181,6 +181,14 @@ assert not mk.HAVE_TRITON
 x = [torch.randn(1, 6, 1, 16), torch.randn(1, 6, 1, 16), torch.randn(1, 6, 2, 16), torch.eye(16).repeat(2, 1, 1),
      torch.rand(1, 6, 2)]
 assert torch.equal(mk.m2rnn(*x)[0], mk.m2rnn_reference(*x)[0])  # 'auto' on the CPU: the reference
+
+
+class LooksCuda(torch.Tensor):  # a CUDA build of torch without Triton (Windows): 'auto' must not pick the kernel
+    is_cuda = property(lambda self: True)
+
+
+y = mk.m2rnn(x[0].as_subclass(LooksCuda), *x[1:])[0]
+assert torch.equal(y.as_subclass(torch.Tensor), mk.m2rnn_reference(*x)[0])
 try:
     mk.m2rnn(*x, impl="triton")
     raise SystemExit("impl='triton' ran without Triton")
@@ -195,8 +203,8 @@ print("ok")
 
 
 def test_without_triton_the_reference_runs():
-    """Where Triton cannot be installed (macOS) the module still imports, the model trains on the reference
-    loop, and impl='triton' says what to do instead."""
+    """Where Triton cannot be installed (macOS, Windows) the module still imports, impl='auto' runs the reference
+    loop (CUDA tensors too), the model trains on it, and impl='triton' says what to do instead."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=here, env=env, capture_output=True,
@@ -295,17 +303,18 @@ def test_backward_rows_per_program_rule():
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernel_backward_with_smaller_row_blocks(dtype, poisoned, monkeypatch):
-    """On a GPU, a small grid's backward runs half the forward's rows per program (more programs);
-    forced here: K=64 splits into 2 row blocks forward, 4 backward."""
-    forward_rows = []
+    """On a GPU, a small grid's backward runs half the rows per program of _launch_config (more programs),
+    whatever the forward ran; forced here: K=64 splits into 2 row blocks forward (the interpreter's rule), 4
+    backward."""
+    asked = []
 
     def halve(B, H, K, BK, sms):
-        forward_rows.append(BK)
+        asked.append(BK)
         return BK // 2
 
     monkeypatch.setattr(m2rnn_kernel, "_backward_rows_per_program", halve)
     outs, refs = run_both(make_inputs(1, 6, 64, 16, (1, 1, 2, 2, 2), dtype), 0.5, 4)
-    assert forward_rows == [32]  # the backward ran once, with 16 rows per program
+    assert asked == [32]  # the backward ran once, with 16 rows per program
     assert_matches_reference(outs, refs, dtype)
 
 
