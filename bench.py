@@ -94,6 +94,9 @@ def parse_args(argv):
             raise SetupError(f"--{key}: unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     if not all(type(p) is int and p > 0 for p in settings["gen_positions"]):
         raise SetupError(f"--gen_positions must be positive ints, got {settings['gen_positions']!r}")
+    for key in ("steps", "gen_steps", "gen_batch_size"):  # medians of at least one timing
+        if settings[key] < 1:
+            raise SetupError(f"--{key} must be at least 1, got {settings[key]}")
     return settings, overrides
 
 
@@ -281,8 +284,12 @@ def main(argv):
     if s["baseline"]:
         if not os.path.isfile(s["baseline"]):
             raise SetupError(f"--baseline={s['baseline']}: no such file (a bench.json written by --out)")
-        with open(s["baseline"]) as f:
-            base = {r["model"]: r["tokens_per_s"] for r in json.load(f)["train"]}
+        try:
+            with open(s["baseline"]) as f:
+                base = {r["model"]: r["tokens_per_s"] for r in json.load(f)["train"]}
+        except (ValueError, KeyError, TypeError) as e:
+            raise SetupError(f"--baseline={s['baseline']}: not a bench.json with a training table "
+                             f"({type(e).__name__}: {e})") from e
     if ddp:
         train.init_process_group(system, device)
     try:

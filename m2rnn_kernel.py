@@ -811,6 +811,12 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
     if not q.is_cuda and not _interpreting():
         raise RuntimeError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 (set before "
                            "importing triton) to run on the CPU; use impl='torch' for the reference")
+    V = v.shape[-1]
+    if V < 16 or V & (V - 1):  # a (BK,V) block and the tensor cores' V×V product
+        raise ValueError(f"m2rnn: the Triton kernel needs V (the state's columns) a power of 2, at least 16; got "
+                         f"V={V}: use impl='torch', the reference loop")
+    if q.shape[1] == 0:  # nothing to launch: no steps, the state stays h0
+        return m2rnn_reference(q, k, v, W, f, h0, grad_clip, nonlinear)
     y, h_last, _ = _forward_op(q, k, v, W, f, h0, None if grad_clip is None else float(grad_clip), int(chunk),
                                bool(nonlinear))
     return y, h_last
@@ -835,6 +841,8 @@ def _check_inputs(q, k, v, W, f, h0):
         fail(f"every head count must divide the largest ({H}): {counts}")
     if h0 is not None and tuple(h0.shape) != (B, H, K, V):
         fail(f"h0 must be (B,H,K,V) = {(B, H, K, V)}")
+    if not all(x.is_floating_point() for x in (q, k, v, W, f) + (() if h0 is None else (h0,))):
+        fail(f"inputs must be floating point, got {[x.dtype for x in (q, k, v, W, f)]}")
 
 
 # -----------------------------------------------------------------------------

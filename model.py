@@ -590,8 +590,8 @@ class GPT(nn.Module):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py ...) "
                                     f"or point out_dir at a run directory holding ckpt.pt")
-        try:  # train.py stores RNG states (numpy arrays) that weights_only=True rejects: load trusted files only
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # weights_only: tensors, numbers, strings and containers only, no code (train.py saves nothing else)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
         if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:

@@ -322,7 +322,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--dataset", default="pystdlib", choices=TEXT_DATASETS + tuple(TASKS))
     p.add_argument("--name", help="output folder under data_root (default: the dataset, + _gen if generators=gen)")
-    p.add_argument("--data_root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    p.add_argument("--data_root", default="data",
+                   help="where datasets go (default data); a relative path is taken from this file's folder, "
+                        "as train.py and sample.py take it")
     p.add_argument("--tokenizer", choices=("byte", "gpt2"), help="default: byte, gpt2 for openwebtext")
     p.add_argument("--input", help="files dataset: comma-separated files and folders (searched recursively)")
     p.add_argument("--max_bytes", type=positive_int, help="cap on text read (default: 8 MB for pystdlib)")
@@ -357,7 +359,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """Build the dataset described by argv; returns the output folder."""
     args = parse_args(argv)
-    out_dir = os.path.join(args.data_root, args.name)
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), args.data_root, args.name)  # kept if absolute
     if args.dataset in TASKS:
         prepare_task(out_dir, args)
     elif args.dataset == "openwebtext":

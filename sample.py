@@ -42,6 +42,11 @@ try:
 except train.SetupError as e:
     sys.exit(f"error: {e}")
 
+if "cuda" in device and not torch.cuda.is_available():
+    sys.exit(f"error: device={device!r} but torch sees no GPU: use --device=cpu")
+if top_k is not None and top_k < 1 or temperature < 0:
+    sys.exit(f"error: top_k must be at least 1 (or None: all tokens) and temperature at least 0 (0: greedy), "
+             f"got top_k={top_k!r}, temperature={temperature!r}")
 torch.manual_seed(seed)
 torch.cuda.manual_seed_all(seed)
 device_type = "cuda" if "cuda" in device else "cpu"
@@ -74,6 +79,8 @@ except RuntimeError as e:  # prepare_data.PrepareError: no tiktoken, no network,
     sys.exit(str(e))
 
 if start.startswith("FILE:"):
+    if not os.path.isfile(start[5:]):
+        sys.exit(f"error: --start={start}: no such file")
     with open(start[5:], encoding="utf-8") as f:
         start = f.read()
 start_ids = tok.encode(start) or [tok.eot]

@@ -86,8 +86,9 @@ def test_flags_are_typed_like_their_defaults():
     (["--models=gpt,gtp"], r"unknown model\(s\) \['gtp'\]"),
     (["--mode=both"], r"mode must be one of \('train', 'generate', 'all'\), got 'both'"),
     (["--steps"], "expected --key=value"),
+    (["--steps=0"], "--steps must be at least 1, got 0"),
 ], ids=["typo", "train-only-setting", "pattern", "float-for-int", "bad-tuple", "zero-position", "bad-override",
-        "bad-model", "bad-mode", "no-value"])
+        "bad-model", "bad-mode", "no-value", "no-steps"])
 def test_flag_errors(argv, message):
     with pytest.raises(bench.SetupError, match=message):
         bench.parse_args(argv)

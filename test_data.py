@@ -165,6 +165,17 @@ def test_task_dataset_files(tmp_path):
     assert all(np.array_equal(v, np.load(os.path.join(out, f))) for f, v in before.items())
 
 
+def test_relative_data_root_is_taken_from_the_repository(tmp_path, monkeypatch):
+    """As train.py and sample.py take it: the same --data_root finds the data wherever the command runs from."""
+    repo = os.path.dirname(os.path.abspath(pd.__file__))
+    relative = os.path.relpath(tmp_path / "datasets", repo)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = pd.main([f"--data_root={relative}", "--dataset=s3", "--n_train=20", "--n_val=2", "--train_min_len=3",
+                   "--train_max_len=6"])
+    assert os.path.samefile(out, tmp_path / "datasets" / "s3") and os.path.isfile(os.path.join(out, "meta.json"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # tokenizers
 

@@ -169,6 +169,20 @@ def test_bad_shapes_give_clear_errors():
         m2rnn(q, k, v, W, f, h0=torch.zeros(1, 6, 8, 8))
     with pytest.raises(ValueError, match="impl"):
         m2rnn(q, k, v, W, f, impl="cuda")
+    with pytest.raises(ValueError, match="floating point"):
+        m2rnn(q.long(), k, v, W, f)
+
+
+@needs_triton
+def test_kernel_limits_give_clear_errors_or_the_reference():
+    """The kernel's own limits: V a power of 2 of at least 16 (a clear error that names impl='torch'); S = 0 (no
+    steps: the reference's empty y and h0 back, where the launch would fault)."""
+    q, k, v, W, f, h0 = make_inputs(1, 4, 8, 12, (1, 1, 2, 2, 2), torch.float32, h0=True)
+    with pytest.raises(ValueError, match="V=12: use impl='torch'"):
+        m2rnn(q, k, v, W, f, impl="triton")
+    q, k, v, W, f, h0 = make_inputs(2, 0, 16, 16, (1, 1, 2, 2, 2), torch.float32, h0=True)
+    y, h_last = m2rnn(q, k, v, W, f, h0, impl="triton")
+    assert y.shape == (2, 0, 2, 16) and torch.equal(h_last, h0)
 
 
 WITHOUT_TRITON = """

@@ -44,9 +44,17 @@ def test_sample_greedy_continues_the_training_text(trained):
     (["--top_k=1.5"], "top_k must be of type int like its default 200 \\(or None\\)"),
     (["--dtype=float64"], "dtype must be one of"),
     (["--out_dir=/nonexistent/run"], "ckpt.pt"),
+    (["--top_k=0"], "top_k must be at least 1 \\(or None: all tokens\\)"),
+    (["--temperature=-1"], "temperature at least 0"),
 ])
 def test_sample_errors_say_what_to_do(args, message):
     result = run_sample(*args, "--device=cpu")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert re.search(message, result.stderr), result.stderr
+
+
+def test_sample_prompt_file_must_exist(trained):
+    result = run_sample(f"--out_dir={trained}", "--start=FILE:/nonexistent/prompt.txt", "--device=cpu")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--start=FILE:/nonexistent/prompt.txt: no such file" in result.stderr, result.stderr

@@ -79,7 +79,11 @@ def test_config_file_then_command_line(tmp_path):
     (["--init_from=resum"], "init_from must be one of"),
     (["--batch_size"], "expected --key=value"),
     (["no_such_config.py"], "config file not found"),
-], ids=["typo", "float-for-int", "int-for-bool", "bool-for-int", "bad-choice", "bad-init", "no-value", "no-file"])
+    (["--eval_interval=0"], "eval_interval must be at least 1, got 0"),
+    (["--gradient_accumulation_steps=0"], "gradient_accumulation_steps must be at least 1"),
+    (["--batch_size=-2"], "batch_size must be at least 1"),
+], ids=["typo", "float-for-int", "int-for-bool", "bool-for-int", "bad-choice", "bad-init", "no-value", "no-file",
+        "zero-interval", "zero-accumulation", "negative-batch"])
 def test_config_errors(argv, message):
     with pytest.raises(train.SetupError, match=message):
         train.parse_config(argv)
@@ -142,6 +146,19 @@ def test_resume_continues_exactly(data_root, tmp_path):
     assert resumed == losses  # exact equality of floats
     a, b = final_weights(straight), final_weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_says_when_the_schedule_changed(data_root, tmp_path, capsys):
+    """lr_decay_iters = 0 means max_iters: resuming to a larger max_iters stretches the cosine, and the run says so
+    with the settings that would continue the saved schedule."""
+    train.train(config(data_root, tmp_path, max_iters=4, eval_interval=4))
+    train.train(config(data_root, tmp_path, max_iters=6, eval_interval=4, init_from="resume"))
+    assert ("schedule is not the saved run's: warmup, decay steps (2, 6) now, (2, 4) then (set --warmup_iters=2 "
+            "--lr_decay_iters=4" in capsys.readouterr().out)
+    # the checkpoint now holds the second run's schedule (2, 6): following the advice keeps it, with no message
+    train.train(config(data_root, tmp_path, max_iters=8, eval_interval=4, init_from="resume", lr_decay_iters=6))
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "schedule is not" not in out
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -229,3 +246,8 @@ def test_ddp_needs_a_divisible_accumulation(data_root, tmp_path, monkeypatch):
     with pytest.raises(train.SetupError, match="gradient_accumulation_steps=3 must be a multiple of the number of "
                                                r"processes \(2\)"):
         train.train(config(data_root, tmp_path, gradient_accumulation_steps=3))
+
+
+def test_unknown_device_is_a_clear_error():
+    with pytest.raises(train.SetupError, match="device='gpu' is not a device torch knows: use 'cpu', 'cuda'"):
+        train.processes_and_device(dict(train.DEFAULTS, device="gpu"))

@@ -103,6 +103,8 @@ MODEL_KEYS = ("block_size", "n_layer", "n_embd", "n_head", "layer_pattern", "pos
 TRAINING_KEYS = ("dropout", "m2rnn_impl", "m2rnn_grad_clip", "gdn_impl")  # settings a resumed run may change
 CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
            "backend": ("auto", "nccl", "gloo"), "compile": ("auto", True, False)}
+POSITIVE = (  # counts that must be at least 1
+    "batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval")
 CKPT_KEYS = ("model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "tokens_seen", "rng")
 
 
@@ -131,6 +133,8 @@ def _checked(key, value, source, defaults=None, choices=None, optional=()):
                          f"{' (or None)' if key in optional else ''}, got {value!r} ({type(value).__name__}) ({source})")
     if key in choices and value not in choices[key]:
         raise SetupError(f"{key} must be one of {choices[key]}, got {value!r} ({source})")
+    if defaults is DEFAULTS and key in POSITIVE and value < 1:
+        raise SetupError(f"{key} must be at least 1, got {value!r} ({source})")
     return value
 
 
@@ -339,10 +343,15 @@ def set_rng_states(states, data_rng, device):
 # -----------------------------------------------------------------------------------------------------------
 # Training
 
+def schedule(cfg):
+    """(warmup steps, decay steps) of the learning rate, with their defaults resolved."""
+    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
+    return (cfg["warmup_iters"] if cfg["warmup_iters"] >= 0 else decay_iters // 10), decay_iters
+
+
 def get_lr(it, cfg):
     """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
-    warmup = cfg["warmup_iters"] if cfg["warmup_iters"] >= 0 else decay_iters // 10
+    warmup, decay_iters = schedule(cfg)
     if not cfg["decay_lr"]:
         return cfg["learning_rate"]
     if it < warmup:
@@ -367,7 +376,10 @@ def processes_and_device(cfg):
     name = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SetupError(f"device={name!r} but torch sees no GPU: use --device=cpu")
-    device = torch.device(f"cuda:{local_rank}" if ddp and name == "cuda" else name)
+    try:
+        device = torch.device(f"cuda:{local_rank}" if ddp and name == "cuda" else name)
+    except RuntimeError as e:
+        raise SetupError(f"device={name!r} is not a device torch knows: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from e
     if device.type == "cuda" and device.index is not None:  # torch 2.11 refuses a bare "cuda" here
         torch.cuda.set_device(device)
     if cfg["threads"] > 0:
@@ -468,6 +480,10 @@ def _train(cfg, device, rank, world, master):
         else:  # more processes than when saved: the data position is shared, dropout RNGs start anew
             data_rng.bit_generator.state = ckpt["rng"][0]["data"]
         log(f"resuming from {ckpt_path} at iteration {iter_num}")
+        then, now = schedule(ckpt["config"]), schedule(cfg)
+        if then != now:  # e.g. a larger max_iters with lr_decay_iters = 0 stretches the cosine
+            log(f"resume: the learning-rate schedule is not the saved run's: warmup, decay steps {now} now, "
+                f"{then} then (set --warmup_iters={then[0]} --lr_decay_iters={then[1]} to continue it as it was)")
         saved_iter = iter_num
         del ckpt
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == "float16"))
