@@ -159,7 +159,8 @@ def plot(runs, png):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="train.py run directories (with log.jsonl)")
-    p.add_argument("--labels", help="comma-separated names, one per OUT_DIR (default: each run's layer_pattern)")
+    p.add_argument("--labels", help="comma-separated names, one per OUT_DIR (default: each run's layer_pattern, "
+                                     "and its folder where runs share one)")
     p.add_argument("--png", default="compare_runs.png", help="plot file; '' for none")
     p.add_argument("--md", help="also write the markdown table to this file")
     args = p.parse_args(argv)
@@ -172,6 +173,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     runs = [summarize(d, label) for d, label in zip(args.out_dirs, args.labels)]
+    patterns = [r["layer_pattern"] for r in runs]
+    for r, label in zip(runs, args.labels):  # a default label (the pattern) that two runs share gets the folder too
+        if label is None and patterns.count(r["layer_pattern"]) > 1:
+            r["label"] += f" ({os.path.basename(os.path.normpath(r['out_dir']))})"
     table = markdown_table(runs)
     print(table)
     if args.md:

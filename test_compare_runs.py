@@ -8,6 +8,7 @@ explained).
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import sys
 
@@ -87,3 +88,11 @@ def test_errors(runs, tmp_path):
         compare_runs.main([str(tmp_path), "--png="])
     with pytest.raises(SystemExit):  # argparse: --labels must name every run
         compare_runs.main(runs + ["--labels=only one", "--png="])
+
+
+def test_default_labels_tell_runs_of_one_pattern_apart(runs, tmp_path):
+    """Without --labels a run is named by its layer pattern; two runs of the same pattern also by their folders."""
+    assert [r["label"] for r in compare_runs.main(runs + ["--png="])] == ["MA", "GA"]
+    other = shutil.copytree(runs[0], tmp_path / "other")
+    same = compare_runs.main([runs[0], str(other) + "/", runs[1], "--png="])
+    assert [r["label"] for r in same] == ["MA (m2rnn)", "MA (other)", "GA"]
