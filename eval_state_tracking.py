@@ -28,7 +28,8 @@ import time
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+import prepare_data
+
 RESULTS = "eval_state_tracking.json"  # written into each out_dir
 
 
@@ -48,9 +49,7 @@ def model_label(model_args):
 
 def data_dir_of(train_config):
     """The dataset folder train.py read: data_root (relative to the repository) / dataset."""
-    root = train_config.get("data_root", "data")
-    root = root if os.path.isabs(root) else os.path.join(REPO, root)
-    return os.path.join(root, train_config["dataset"])
+    return prepare_data.dataset_dir(train_config.get("data_root", "data"), train_config["dataset"])
 
 
 @torch.no_grad()

@@ -318,6 +318,12 @@ def positive_int(s):
     return int(s)
 
 
+def dataset_dir(data_root, name):
+    """data_root/name, where a relative data_root is taken from this file's folder (the repository's): so
+    prepare_data.py, train.py, sample.py and eval_state_tracking.py find the same folder wherever they run."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), data_root, name)  # an absolute one is kept
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--dataset", default="pystdlib", choices=TEXT_DATASETS + tuple(TASKS))
@@ -359,7 +365,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """Build the dataset described by argv; returns the output folder."""
     args = parse_args(argv)
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), args.data_root, args.name)  # kept if absolute
+    out_dir = dataset_dir(args.data_root, args.name)
     if args.dataset in TASKS:
         prepare_task(out_dir, args)
     elif args.dataset == "openwebtext":

@@ -39,11 +39,10 @@ SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type
 try:
     globals().update(train.parse_config(sys.argv[1:], defaults=SETTINGS, optional=("top_k",),
                                         choices={"dtype": ("float32", "bfloat16", "float16")}))
+    train.checked_device(device)
 except train.SetupError as e:
     sys.exit(f"error: {e}")
 
-if "cuda" in device and not torch.cuda.is_available():
-    sys.exit(f"error: device={device!r} but torch sees no GPU: use --device=cpu")
 if top_k is not None and top_k < 1 or temperature < 0:
     sys.exit(f"error: top_k must be at least 1 (or None: all tokens) and temperature at least 0 (0: greedy), "
              f"got top_k={top_k!r}, temperature={temperature!r}")
@@ -62,8 +61,7 @@ except (FileNotFoundError, ValueError) as e:
 # the tokenizer the data was prepared with
 train_config = ckpt.get("config") or {}
 dataset = train_config.get("dataset")
-data_root = train_config.get("data_root", "data")  # relative to the repository, as train.py takes it
-data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), data_root, str(dataset))
+data_dir = prepare_data.dataset_dir(train_config.get("data_root", "data"), str(dataset))  # as train.py found it
 meta_path = os.path.join(data_dir, "meta.json")
 if dataset is None or not os.path.isfile(meta_path):
     sys.exit(f"cannot find the tokenizer: the checkpoint's dataset is {dataset!r} and {meta_path} does not "

@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import prepare_data
+
 # -----------------------------------------------------------------------------------------------------------
 # Settings. Defaults: the GPT-2-small-scale hybrid of config/hybrid.py on OpenWebText, one process.
 # I/O
@@ -133,7 +135,7 @@ def _checked(key, value, source, defaults=None, choices=None, optional=()):
                          f"{' (or None)' if key in optional else ''}, got {value!r} ({type(value).__name__}) ({source})")
     if key in choices and value not in choices[key]:
         raise SetupError(f"{key} must be one of {choices[key]}, got {value!r} ({source})")
-    if defaults is DEFAULTS and key in POSITIVE and value < 1:
+    if key in POSITIVE and value < 1:
         raise SetupError(f"{key} must be at least 1, got {value!r} ({source})")
     return value
 
@@ -367,6 +369,16 @@ def format_time(seconds):
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def checked_device(name):
+    """torch.device(name), or a SetupError that says what to use instead."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SetupError(f"device={name!r} but torch sees no GPU: use --device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise SetupError(f"device={name!r} is not a device torch knows: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from e
+
+
 def processes_and_device(cfg):
     """torchrun's processes (one process without it) and this process's device, from the settings cfg ('auto'
     resolved); selects the GPU and sets the CPU threads. Returns ddp, rank, world, device."""
@@ -374,12 +386,9 @@ def processes_and_device(cfg):
     rank, local_rank, world = ((int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
                                if ddp else (0, 0, 1))
     name = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SetupError(f"device={name!r} but torch sees no GPU: use --device=cpu")
-    try:
-        device = torch.device(f"cuda:{local_rank}" if ddp and name == "cuda" else name)
-    except RuntimeError as e:
-        raise SetupError(f"device={name!r} is not a device torch knows: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from e
+    device = checked_device(name)
+    if ddp and name == "cuda":
+        device = torch.device(f"cuda:{local_rank}")  # this process's GPU
     if device.type == "cuda" and device.index is not None:  # torch 2.11 refuses a bare "cuda" here
         torch.cuda.set_device(device)
     if cfg["threads"] > 0:
@@ -436,8 +445,7 @@ def _train(cfg, device, rank, world, master):
     dtype, autocast, use_compile = precision(cfg, device)
 
     # data: every process draws the same indices (same seed) and keeps its own slice of the global batch
-    data_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), cfg["data_root"])  # kept if absolute
-    data = Batches(os.path.join(data_root, cfg["dataset"]), cfg["block_size"],
+    data = Batches(prepare_data.dataset_dir(cfg["data_root"], cfg["dataset"]), cfg["block_size"],
                    prepare_command(cfg["dataset"], cfg["data_root"]))
     data_rng = np.random.default_rng(cfg["seed"])
     tokens_per_iter = G * cfg["batch_size"] * data.seq_len
