@@ -174,23 +174,24 @@ def _load_step(p_q, p_k, p_v, p_f, t, stride_qs, stride_ks, stride_vs, stride_fs
 
 
 @triton.jit
-def _read_out(p_y, b_q, b_h, mask, ATOMIC: tl.constexpr):
-    """(3) y = Hᵀ q: a sum over the program's rows of the state, into p_y (V,) where mask allows.
-    Where several programs add into y (the rows are split over programs), the atomic adds finish the
-    sum: in the tensor cores' register layout a thread holds rows i, i+8, i+16, ... of its columns,
-    which the first reshape below gathers with no sum across threads; one round of shuffles then adds
-    the partial sums of threads 4 lanes apart (rows i and i+1, mod 8), which halves the values the
-    atomics carry: each thread adds 2 columns. Measured (notes_kernel.md, v11, v16): the full sum (3 rounds,
-    then through shared memory to one thread) cost 17 more instructions a step; no round at all was
-    1.6-3% slower than one (400M, the hybrid's shape, B=4); a second round was 3-10% slower."""
-    BK: tl.constexpr = b_h.shape[0]
-    V: tl.constexpr = b_h.shape[1]
+def _sum_rows_into(p_out, b_x, b_m, mask, ATOMIC: tl.constexpr):
+    """b_mᵀ b_x, a sum over the program's rows of the (BK, V) block b_m weighted by b_x (BK,), into p_out (V,)
+    where mask allows: the read-out y_t = H_tᵀ q_t (3), and dv_t = dA_tᵀ k_t in the backward. Where several
+    programs add into p_out (the rows are split over programs), the atomic adds finish the sum: in the tensor
+    cores' register layout a thread holds rows i, i+8, i+16, ... of its columns, which the first reshape below
+    gathers with no sum across threads; one round of shuffles then adds the partial sums of threads 4 lanes apart
+    (rows i and i+1, mod 8), which halves the values the atomics carry: each thread adds 2 columns. Measured
+    (notes_kernel.md, v11, v16, v18): for y, the full sum (3 rounds, then through shared memory to one thread)
+    cost 17 more instructions a step, no round at all was 1.6-3% slower than one, a second round 3-10% slower;
+    for dv, the backward 1-6% faster than with the full sum."""
+    BK: tl.constexpr = b_m.shape[0]
+    V: tl.constexpr = b_m.shape[1]
     if ATOMIC:
-        part = tl.sum(tl.reshape(b_q[:, None] * b_h, [BK // 8, 8, V]), axis=0)  # (8, V): row r in part[r % 8]
+        part = tl.sum(tl.reshape(b_x[:, None] * b_m, [BK // 8, 8, V]), axis=0)  # (8, V): row r in part[r % 8]
         part = tl.sum(tl.reshape(part, [4, 2, V]), axis=1)  # (4, V): rows 2j and 2j + 1 (mod 8) in part[j]
-        tl.atomic_add(p_y[None, :] + 0 * tl.arange(0, 4)[:, None], part, mask=mask[None, :], sem="relaxed")
+        tl.atomic_add(p_out[None, :] + 0 * tl.arange(0, 4)[:, None], part, mask=mask[None, :], sem="relaxed")
     else:
-        tl.store(p_y, tl.sum(b_q[:, None] * b_h, axis=0), mask=mask)
+        tl.store(p_out, tl.sum(b_x[:, None] * b_m, axis=0), mask=mask)
 
 
 @triton.jit
@@ -199,7 +200,7 @@ def _forward_step(b_h, b_q_prev, b_w, b_k, b_v, b_f, p_y_prev, m_y_prev, PRECISI
     """Step t: returns H_t. Also the read-out of the step before, y_{t-1} = H_{t-1}ᵀ q_{t-1} (3), whose
     reduction then overlaps this step's chain, stored where m_y_prev allows."""
     b_z = _candidate(b_h, b_w, b_k, b_v, PRECISION, FAST_TANH, NONLINEAR)  # (1)
-    _read_out(p_y_prev, b_q_prev, b_h, m_y_prev, Y_ATOMIC)
+    _sum_rows_into(p_y_prev, b_q_prev, b_h, m_y_prev, Y_ATOMIC)  # (3)
     return b_f * b_h + (1.0 - b_f) * b_z  # (2) H_t = f_t H_{t-1} + (1 − f_t) Z_t
 
 
@@ -317,7 +318,7 @@ def _m2rnn_fwd_kernel(
                     b_q_prev = qs[s]
         # y_{S-1} was stored inside the last tile unless that tile was full
         m_y_last = o_v < (S % 8 == 0) * V
-    # the last step's read-out, once per program, as a full sum: through _read_out, ptxas scheduled the loops
+    # the last step's read-out, once per program, as a full sum: through _sum_rows_into, ptxas scheduled the loops
     # above 10 instructions a step longer (Triton 3.9's SASS)
     b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)
     _store_or_add(p_y + (S - 1) * H * V, b_y, m_y_last, Y_ATOMIC)
@@ -362,9 +363,8 @@ def _reverse_step(b_g, b_dw, b_hp, b_q, b_k, b_v, b_f, b_dy, b_w, clip, t, p_dk,
     b_g = b_f * b_g + _matmul(b_da, tl.trans(b_w), PRECISION)
     b_dw += _matmul(tl.trans(b_hp), b_da, DW_PRECISION)  # dW += H_{t-1}ᵀ dA_t
     b_dk = tl.sum(b_da * b_v[None, :], axis=1)  # dk_t = dA_t v_t       (BK,)
-    b_dv = tl.sum(b_da * b_k[:, None], axis=0)  # dv_t = dA_tᵀ k_t      (V,)
     _store_or_add(p_dk + t * DK_STEP, b_dk, m_k, K_ATOMIC)
-    _store_or_add(p_dv + t * DV_STEP, b_dv, m_v, V_ATOMIC)
+    _sum_rows_into(p_dv + t * DV_STEP, b_k, b_da, m_v, V_ATOMIC)  # dv_t = dA_tᵀ k_t      (V,)
     _store_or_add(p_df + t * DF_STEP, b_df, None, F_ATOMIC)
     return b_g, b_dw
 
@@ -595,8 +595,8 @@ def _output(shape, like, atomic):
 
 
 # One-warp programs resident per SM at up to 255 registers a thread (64K registers / (256 · 32)). The kernels'
-# register-hungry forms (the forward's 8-step tiles, ~200 against ~110; the interleaved backward, ~220) are used
-# only where the whole grid fits in that many, or, as 16-row programs, under the cap below.
+# register-hungry forms (the forward's 8-step tiles, ~200 against ~90; the interleaved backward, ~220) are used
+# only where the whole grid fits in that many, or under the cap below.
 _PROGRAMS_PER_SM_UNCAPPED = 8
 # Registers are split among an SM's 4 schedulers, 16K each, and a program (one warp) lives on one. At most
 # 168 a thread (5,376 a warp), 3 programs fit per scheduler: 12 per SM, more than the 10.2 that the 400M
@@ -613,21 +613,16 @@ def _all_resident(programs, per_sm, sms):
     return programs <= per_sm * sms
 
 
-def _hungry_form_fits(programs, BK, dtype, sms):
-    """Whether a register-hungry form (the forward's tiles, the interleaved backward) runs all `programs` at once
-    on `sms` multiprocessors (0: not a GPU): without a cap at 8 per SM, or, 16-row programs with bf16 inputs, at
-    12 per SM under the cap (those fit in its 168 registers; 32-row ones and fp32 ones spill there and lose:
-    backward 400M 8.61 -> 8.98 ms, B=3 H=132 fp32 +2%, notes_kernel.md v14)."""
-    fits_capped = BK == 16 and dtype != torch.float32 and _all_resident(programs, _PROGRAMS_PER_SM_CAPPED, sms)
-    return _all_resident(programs, _PROGRAMS_PER_SM_UNCAPPED, sms) or fits_capped
-
-
 def _forward_tiled(B, H, NB, BK, chunk, sms, dtype):
     """Whether the forward loads its inputs as tiles of 8 steps: where the chunk is a multiple of 8 and the
-    B·H·NB programs of BK rows all fit at once (_hungry_form_fits). Measured (notes_kernel.md, v10): faster where
-    the grid fits (B=1: 1.78 -> 1.34 ms; 7B, exactly 8 per SM: 2.04 -> 1.93), slower where it does not (400M:
-    2.66 -> 3.19)."""
-    return chunk % 8 == 0 and _hungry_form_fits(B * H * NB, BK, dtype, sms)
+    B·H·NB programs of BK rows all fit at once, at 8 per SM, or, with bf16 inputs, at 12 per SM under the register
+    cap. Measured (notes_kernel.md): faster where the grid fits (v10, B=1: 1.78 -> 1.34 ms; 7B, exactly 8 per SM:
+    2.04 -> 1.93), slower where it does not (400M, 8 per SM: 2.66 -> 3.19); under the cap 32-row tiles spill ~20
+    registers and since v17 still gain (v18, 400M: 2.44 -> 2.30 ms; config/hybrid.py's layer: equal), fp32 ones
+    lose (v14, B=3 H=132: +2%)."""
+    programs = B * H * NB
+    fits_capped = dtype != torch.float32 and _all_resident(programs, _PROGRAMS_PER_SM_CAPPED, sms)
+    return chunk % 8 == 0 and (_all_resident(programs, _PROGRAMS_PER_SM_UNCAPPED, sms) or fits_capped)
 
 
 def _forward_rows_per_program(B, H, K, BK, chunk, sms, dtype):
@@ -635,8 +630,8 @@ def _forward_rows_per_program(B, H, K, BK, chunk, sms, dtype):
     leaves each scheduler waiting on its few programs' chains, and more programs fill the waits; a 16-row
     program issues ~20% more instructions per row with tiles (its loads and layout changes are per warp), and
     ~35% more without, which lost everywhere (B=1: 1.06 -> 1.66 ms). Measured (notes_kernel.md, v15; same-run
-    A/B), forward ms: B=1 1.06 -> 0.72, B=4 1.67 -> 1.42, B=2 S=16384 4.47 -> 4.04, fp32 B=1 5.34 -> 2.59; a grid over 12 per SM
-    lost even at 16 per SM under 128 registers (7B, 2,112 programs: 1.69 -> 1.93)."""
+    A/B), forward ms: B=1 1.06 -> 0.72, B=4 1.67 -> 1.42, B=2 S=16384 4.47 -> 4.04, fp32 B=1 5.34 -> 2.59; a grid
+    over 12 per SM lost even at 16 per SM under 128 registers (7B, 2,112 programs: 1.69 -> 1.93)."""
     if BK > 16 and _forward_tiled(B, H, triton.cdiv(K, BK // 2), BK // 2, chunk, sms, dtype):
         return BK // 2
     return BK
@@ -683,10 +678,13 @@ def _backward_rows_per_program(B, H, K, BK, sms):
 
 def _backward_interleaved(B, H, NB, BK, S, chunk, sms, dtype):
     """Whether the backward walks chunk c while it recomputes chunk c − 1 (INTERLEAVED): where S is a multiple of
-    the chunk and the B·H·NB programs of BK rows all fit at once (_hungry_form_fits). In a grid that small each
-    warp waits on its own chain most of the time (notes_kernel.md, v13): a second chain fills that. Measured
-    (v14): B=4 at H=84, 1,344 16-row programs, 5.60 -> 5.12 ms."""
-    return S % chunk == 0 and _hungry_form_fits(B * H * NB, BK, dtype, sms)
+    the chunk and the B·H·NB programs of BK rows all fit at once: at 8 per SM, or, 16-row programs with bf16 inputs,
+    at 12 per SM under the register cap (32-row ones and fp32 ones spill there and lose: 400M 8.61 -> 8.98 ms, B=3
+    H=132 fp32 +2%; notes_kernel.md, v14). In a grid that small each warp waits on its own chain most of the time
+    (v13): a second chain fills that. Measured (v14): B=4 at H=84, 1,344 16-row programs, 5.60 -> 5.12 ms."""
+    programs = B * H * NB
+    fits_capped = BK == 16 and dtype != torch.float32 and _all_resident(programs, _PROGRAMS_PER_SM_CAPPED, sms)
+    return S % chunk == 0 and (_all_resident(programs, _PROGRAMS_PER_SM_UNCAPPED, sms) or fits_capped)
 
 
 def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):

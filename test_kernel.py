@@ -262,7 +262,7 @@ def test_kernel_matches_reference(case, dtype, poisoned):
 def test_kernel_forward_in_tiles_of_8_steps(S, chunk, K, BK, dtype, poisoned, monkeypatch):
     """On a GPU, a small grid's forward loads its inputs 8 steps at a time (TILE8), the last tile of a ragged
     S padded with steps that leave the state as it is; forced here, with 16 or 32 rows per program. At K=64 two
-    or four programs per head add their read-outs into y, as partial sums of pairs of threads (_read_out)."""
+    or four programs per head add their read-outs into y, as partial sums of pairs of threads (_sum_rows_into)."""
     tiled = []
 
     def always(B, H, NB, BK_, chunk, sms, dtype):
@@ -279,15 +279,15 @@ def test_kernel_forward_in_tiles_of_8_steps(S, chunk, K, BK, dtype, poisoned, mo
 @needs_triton
 def test_forward_tiled_rule():
     """8-step tiles only where C is a multiple of 8 and all programs fit on an H200's 132 SMs: at 8 per SM, or,
-    16-row programs with bf16 inputs, at 12 per SM."""
+    with bf16 inputs, at 12 per SM."""
     def tiled(B, H, NB, BK, chunk=64, dtype=torch.bfloat16, sms=132):
         return m2rnn_kernel._forward_tiled(B, H, NB, BK, chunk, sms, dtype)
 
     assert tiled(1, 84, 2, 32) and tiled(4, 132, 2, 32)  # B=1; the 7B shape: exactly 8 per SM
-    assert not tiled(8, 84, 2, 32) and not tiled(12, 64, 2, 32)  # 400M, config/hybrid.py
-    assert tiled(4, 84, 4, 16) and tiled(3, 132, 4, 16)  # 1,344 and 1,584 16-row programs: within 12 per SM
-    assert not tiled(4, 84, 4, 16, dtype=torch.float32)  # the same in fp32: over 8 per SM
-    assert not tiled(4, 132, 4, 16) and not tiled(5, 132, 2, 32)  # 2,112 16-row programs; 1,320 32-row ones
+    assert tiled(8, 84, 2, 32) and tiled(12, 64, 2, 32)  # 400M, config/hybrid.py: 1,344 and 1,536, within 12 per SM
+    assert tiled(4, 84, 4, 16) and tiled(3, 132, 4, 16)  # 1,344 and 1,584 16-row programs
+    assert not tiled(4, 84, 4, 16, dtype=torch.float32) and not tiled(8, 84, 2, 32, dtype=torch.float32)  # fp32
+    assert not tiled(4, 132, 4, 16) and not tiled(10, 84, 2, 32)  # 2,112 16-row programs; 1,680 32-row ones
     assert not tiled(1, 84, 2, 32, chunk=60) and not tiled(1, 84, 2, 32, sms=0)  # C not a multiple of 8; no GPU
 
 
@@ -495,13 +495,15 @@ def test_gpu_long_sequence_float64_reference():
 
 
 @gpu
-@pytest.mark.parametrize("B,H", [(1, 84), (4, 84), (8, 84), (4, 132)], ids=["B1", "B4", "B8", "B4-H132"])
+@pytest.mark.parametrize("B,H", [(1, 84), (4, 84), (8, 84), (4, 132), (12, 84)],
+                         ids=["B1", "B4", "B8", "B4-H132", "B12"])
 def test_gpu_launch_forms_float64_reference(B, H, poisoned, monkeypatch):
     """The launch rules pick each kernel's form from the grid; on an H200 (132 SMs): the forward in 16-row tiled
-    programs (B=1, B=4), 32-row one-step ones (B=8: the 400M grid), 32-row tiled ones (B=4, H=132: the 7B grid);
-    the backward in 16-row interleaved programs (B=1), 16-row interleaved ones under the register cap (B=4),
-    32-row ones under the cap, not interleaved (B=8), 32-row interleaved ones without a cap (7B). The
-    interpreter cannot tell a register cap. Each against float64, bf16, S = 192 (three chunks)."""
+    programs (B=1, B=4), 32-row tiled ones under the register cap (B=8: the 400M grid), 32-row tiled ones without
+    it (B=4, H=132: the 7B grid), 32-row one-step ones (B=12: 2,016 programs, over 12 per SM); the backward in
+    16-row interleaved programs (B=1), 16-row interleaved ones under the register cap (B=4), 32-row ones under
+    the cap, not interleaved (B=8, B=12), 32-row interleaved ones without a cap (7B). The interpreter cannot tell
+    a register cap. Each against float64, bf16, S = 192 (three chunks)."""
     forward_forms, backward_forms = [], []
     tiled_rule, interleaved_rule = m2rnn_kernel._forward_tiled, m2rnn_kernel._backward_interleaved
 
@@ -520,10 +522,10 @@ def test_gpu_launch_forms_float64_reference(B, H, poisoned, monkeypatch):
     assert_matches_reference(outs, refs, torch.bfloat16)
     if torch.cuda.get_device_properties(0).multi_processor_count == 132:
         # the forward's rows rule asks _forward_tiled about 16-row programs first; the launch then asks again
-        assert forward_forms[-1] == {(1, 84): (16, True), (4, 84): (16, True), (8, 84): (32, False),
-                                     (4, 132): (32, True)}[B, H]
+        assert forward_forms[-1] == {(1, 84): (16, True), (4, 84): (16, True), (8, 84): (32, True),
+                                     (4, 132): (32, True), (12, 84): (32, False)}[B, H]
         assert backward_forms == [{(1, 84): (16, True), (4, 84): (16, True), (8, 84): (32, False),
-                                   (4, 132): (32, True)}[B, H]]
+                                   (4, 132): (32, True), (12, 84): (32, False)}[B, H]]
 
 
 @gpu
