@@ -20,9 +20,12 @@ step, zero_grad; torch.compile on CUDA; random tokens (no data loading). Steps r
 events (the clock on the CPU); medians are reported. Under torchrun each process runs batch_size x block_size
 tokens per step (DDP, NCCL on CUDA, gloo on CPU); tokens/s is the global rate, the step time the slowest
 process's median. --baseline=<an earlier bench.json> adds the ratio of tokens/s to that run (DDP scaling).
-Decoding (eager, batch gen_batch_size): a prefill of p random tokens, then gen_steps greedy tokens; ms/token is
-their median, cache MiB the attention keys/values up to p plus the M²RNN states. Peak GiB: training, the whole
-run of a model; decoding, the timed steps (weights and the cache, allocated for the last position).
+Decoding (eager, batch gen_batch_size): a prefill of p random tokens, then gen_steps greedy tokens, for every p
+in gen_positions, gen_rounds times over; ms/token is the median of a position's steps over all rounds (eager
+decoding is bound by the CPU's kernel launches, whose jitter comes in bursts: single sweeps put the hybrid's
+ratio 8192/128 anywhere from 0.89x to 1.48x); cache MiB: the attention keys/values up to p plus the M²RNN
+states. Peak GiB: training, the whole run of a model; decoding, the timed steps (weights and the cache, allocated
+for the last position).
 """
 import difflib
 import gc
@@ -49,7 +52,8 @@ gen_models = "gpt,hybrid"  # models of the generation benchmark
 warmup = 10  # untimed training steps per model (the first one compiles)
 steps = 20  # timed training steps per model
 gen_positions = (128, 512, 1024, 2048, 4096, 8192)  # decoding starts after a prefill of this many tokens
-gen_steps = 32  # timed decode steps from each position
+gen_steps = 32  # timed decode steps from each position, in each round
+gen_rounds = 3  # sweeps over gen_positions; ms/token is the median of all rounds' steps at a position
 gen_batch_size = 1  # sequences decoded together
 vocab_size = 50257  # GPT-2 BPE, as train.py reads it from OpenWebText's meta.json
 out = ""  # a folder for bench.md (the tables), bench.json (every number), bench.png; "": print only
@@ -94,7 +98,7 @@ def parse_args(argv):
             raise SetupError(f"--{key}: unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     if not all(type(p) is int and p > 0 for p in settings["gen_positions"]):
         raise SetupError(f"--gen_positions must be positive ints, got {settings['gen_positions']!r}")
-    for key in ("steps", "gen_steps", "gen_batch_size"):  # medians of at least one timing
+    for key in ("steps", "gen_steps", "gen_rounds", "gen_batch_size"):  # medians of at least one timing
         if settings[key] < 1:
             raise SetupError(f"--{key} must be at least 1, got {settings[key]}")
     return settings, overrides
@@ -167,23 +171,29 @@ def bench_generate(name, cfg, args, s, device, autocast, cache_dtype):
     args = dict(args, block_size=max(s["gen_positions"]) + s["gen_steps"])
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(**args)).to(device).eval()  # eager, as sample.py runs it
-    B, rows = s["gen_batch_size"], []
-    for p in s["gen_positions"]:
-        state = model.init_state(B, device, cache_dtype)  # cache in the autocast dtype (sample.py: the weights')
-        with autocast:
-            at = [p, model.prefill(torch.randint(s["vocab_size"], (B, p), device=device), state).argmax(-1)]
-            in_use = sum(t.nbytes * (c["length"] / t.shape[2] if k in ("k", "v") else 1)  # KV up to p, M²RNN all
-                         for c in state for k, t in c.items() if torch.is_tensor(t))
+    B = s["gen_batch_size"]
+    times, cache, peaks = {p: [] for p in s["gen_positions"]}, {}, {}
+    for _ in range(s["gen_rounds"]):
+        for p in s["gen_positions"]:
+            state = model.init_state(B, device, cache_dtype)  # cache in the autocast dtype (sample.py: the weights')
+            with autocast:
+                at = [p, model.prefill(torch.randint(s["vocab_size"], (B, p), device=device), state).argmax(-1)]
+                cache[p] = sum(t.nbytes * (c["length"] / t.shape[2] if k in ("k", "v") else 1)  # KV up to p, M²RNN all
+                               for c in state for k, t in c.items() if torch.is_tensor(t))
 
-            def decode():  # one greedy token at position at[0]
-                at[1] = model.forward_step(at[1], state, at[0]).argmax(-1)
-                at[0] += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats(device)
-            dt = statistics.median(step_times(decode, s["gen_steps"], device))
+                def decode():  # one greedy token at position at[0]
+                    at[1] = model.forward_step(at[1], state, at[0]).argmax(-1)
+                    at[0] += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(device)
+                times[p] += step_times(decode, s["gen_steps"], device)
+            peaks[p] = max(peaks.get(p, 0), peak(device)) if device.type == "cuda" else None
+    rows = []
+    for p, ts in times.items():
+        dt = statistics.median(ts)
         rows.append(dict(model=name, layers=args["layer_pattern"], position=p, batch=B, ms_per_token=dt * 1e3,
-                         tokens_per_s=B / dt, cache_mib=in_use / 2**20, peak_gib=peak(device)))
+                         tokens_per_s=B / dt, cache_mib=cache[p] / 2**20, peak_gib=peaks[p]))
     return rows
 
 

@@ -43,7 +43,7 @@ def test_cpu_smoke_run(tmp_path):
     assert rows["gpt"][6] == "1.000"
     results = json.loads((out / "bench.json").read_text())
     assert [r["model"] for r in results["train"]] == list(bench.MODELS)
-    gen = [(r["model"], r["position"]) for r in results["generate"]]
+    gen = [(r["model"], r["position"]) for r in results["generate"]]  # gen_rounds (3) sweeps pooled: one row each
     assert gen == [("gpt", 8), ("gpt", 16), ("hybrid", 8), ("hybrid", 16)]
     assert all(r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 and r["cache_mib"] > 0 for r in results["generate"])
     assert "- hybrid: ms/token at position 16 / at 8 = " in table
@@ -87,8 +87,9 @@ def test_flags_are_typed_like_their_defaults():
     (["--mode=both"], r"mode must be one of \('train', 'generate', 'all'\), got 'both'"),
     (["--steps"], "expected --key=value"),
     (["--steps=0"], "--steps must be at least 1, got 0"),
+    (["--gen_rounds=0"], "--gen_rounds must be at least 1, got 0"),
 ], ids=["typo", "train-only-setting", "pattern", "float-for-int", "bad-tuple", "zero-position", "bad-override",
-        "bad-model", "bad-mode", "no-value", "no-steps"])
+        "bad-model", "bad-mode", "no-value", "no-steps", "no-rounds"])
 def test_flag_errors(argv, message):
     with pytest.raises(bench.SetupError, match=message):
         bench.parse_args(argv)
