@@ -326,28 +326,51 @@ def _m2rnn_fwd_kernel(
 
 
 @triton.jit
-def _recompute_step(b_h, b_w, b_k, b_v, b_f, b_dy, p_scr_j, p_dq_t, m_k, Q_ATOMIC: tl.constexpr,
-                    RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr):
-    """Step t of the recompute pass: stores H_{t-1} in the scratch and returns H_t, as the forward did; and
-    dq_t = H_t dy_t, which needs no gradient from later steps, so it is done here, where H_t is at hand."""
+def _backward_inputs(src, t):
+    """Inputs of step t as float32: q, k (BK,), v, dy (V,), f (scalar). src: pointers to step 0's q, k, v, f, dy,
+    their strides over steps, and the mask of the program's rows."""
+    p_q, p_k, p_v, p_f, p_dy, stride_qs, stride_ks, stride_vs, stride_fs, stride_dys, m_k = src
+    b_q, b_k, b_v, b_f = _load_step(p_q, p_k, p_v, p_f, t, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
+    return b_q, b_k, b_v, b_f, tl.load(p_dy + t * stride_dys).to(tl.float32)
+
+
+@triton.jit
+def _recompute_step(b_h, nxt, j, t0, n_t, src, b_w, p_scr_c, p_dq, m_k, DQ_STEP: tl.constexpr,
+                    Q_ATOMIC: tl.constexpr, RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
+                    NONLINEAR: tl.constexpr):
+    """Step t = t0 + j of the recompute pass of the chunk t0 .. t0+n_t−1, whose inputs (nxt) were loaded during
+    the step before; loads the next step's for the step after (the chunk's last again at its end). Stores H_{t-1}
+    in the scratch and returns H_t, as the forward did, with those inputs; and adds dq_t = H_t dy_t, which needs
+    no gradient from later steps, so it is done here, where H_t is at hand."""
+    STEP: tl.constexpr = b_h.shape[0] * b_h.shape[1]
+    ins, nxt = nxt, _backward_inputs(src, t0 + tl.minimum(j + 1, n_t - 1))
+    _, b_k, b_v, b_f, b_dy = ins
+    p_scr_j, p_dq_t = p_scr_c + j * STEP, p_dq + (t0 + j) * DQ_STEP
     b_hs = b_h.to(p_scr_j.dtype.element_ty)  # H_{t-1} as stored: Z comes from it here and in the reverse walk
     b_z = _candidate(b_hs, b_w, b_k, b_v, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
     tl.store(p_scr_j, b_hs)
     b_h = b_f * b_h + (1.0 - b_f) * b_z  # H_t
     _store_or_add(p_dq_t, tl.sum(b_h * b_dy[None, :], axis=1), m_k, Q_ATOMIC)  # dq_t = H_t dy_t   (BK,)
-    return b_h
+    return b_h, nxt
 
 
 @triton.jit
-def _reverse_step(b_g, b_dw, b_hp, b_q, b_k, b_v, b_f, b_dy, b_w, clip, t, p_dk, p_dv, p_df, m_k, m_v,
+def _reverse_step(b_g, b_dw, nxt, j, t0, src, p_scr_c, b_w, clip, p_dk, p_dv, p_df, m_k, m_v,
                   DK_STEP: tl.constexpr, DV_STEP: tl.constexpr, DF_STEP: tl.constexpr, CLIP: tl.constexpr,
                   K_ATOMIC: tl.constexpr, V_ATOMIC: tl.constexpr, F_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
                   DW_PRECISION: tl.constexpr, RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
                   NONLINEAR: tl.constexpr):
-    """Step t of the reverse walk (spec §3). b_g: the gradient reaching H_t from later steps; b_hp: H_{t-1} from
-    the scratch. Returns the gradient reaching H_{t-1}, and dW with this step's term; stores dk_t, dv_t, df_t
-    (their addresses are formed here, at the stores: formed by the caller, they held ~7 more registers across
-    the step, which pushed the capped 400M backward into spills on Triton 3.6)."""
+    """Step t = t0 + j of the reverse walk (spec §3) over the chunk from t0, whose inputs and H_{t-1} from the
+    scratch (nxt) were loaded during the step after; loads the step before's (t0's again at the chunk's start).
+    b_g: the gradient reaching H_t from later steps. Returns the gradient reaching H_{t-1}, dW with this step's
+    term and the loaded inputs; stores dk_t, dv_t, df_t (their addresses are formed here, at the stores: formed
+    by the caller, they held ~7 more registers across the step, which pushed the capped 400M backward into
+    spills on Triton 3.6)."""
+    STEP: tl.constexpr = b_g.shape[0] * b_g.shape[1]
+    t, j_n = t0 + j, tl.maximum(j - 1, 0)
+    cur, nxt = nxt, (_backward_inputs(src, t0 + j_n), tl.load(p_scr_c + j_n * STEP))  # H_{t-2} for the next
+    ins, b_hp = cur
+    b_q, b_k, b_v, b_f, b_dy = ins
     # Z_t again from H_{t-1}: off the chain through G, and half the scratch traffic of storing it
     b_z = _candidate(b_hp, b_w, b_k, b_v, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
     b_hp = b_hp.to(tl.float32)
@@ -366,51 +389,33 @@ def _reverse_step(b_g, b_dw, b_hp, b_q, b_k, b_v, b_f, b_dy, b_w, clip, t, p_dk,
     _store_or_add(p_dk + t * DK_STEP, b_dk, m_k, K_ATOMIC)
     _sum_rows_into(p_dv + t * DV_STEP, b_k, b_da, m_v, V_ATOMIC)  # dv_t = dA_tᵀ k_t      (V,)
     _store_or_add(p_df + t * DF_STEP, b_df, None, F_ATOMIC)
-    return b_g, b_dw
+    return b_g, b_dw, nxt
 
 
 @triton.jit
-def _recompute_chunk(p_ckpt_c, m_kv, t0, n_t, p_scr_c, p_q, p_k, p_v, p_f, p_dy, p_dq, stride_qs, stride_ks,
-                     stride_vs, stride_fs, m_k, b_w, DY_STEP: tl.constexpr, DQ_STEP: tl.constexpr,
+def _recompute_chunk(p_ckpt_c, m_kv, t0, n_t, p_scr_c, src, p_dq, m_k, b_w, DQ_STEP: tl.constexpr,
                      Q_ATOMIC: tl.constexpr, RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
                      NONLINEAR: tl.constexpr):
     """Steps t0 .. t0+n_t−1 again from their checkpoint: H_{t-1} of each into the scratch p_scr_c, dq added."""
     b_h = tl.load(p_ckpt_c, mask=m_kv, other=0.0).to(tl.float32)
-    STEP: tl.constexpr = b_h.shape[0] * b_h.shape[1]
-    n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
-    n_dy = tl.load(p_dy + t0 * DY_STEP).to(tl.float32)
+    nxt = _backward_inputs(src, t0)
     for j in range(n_t):
-        b_k, b_v, b_f, b_dy = n_k, n_v, n_f, n_dy
-        j_n = tl.minimum(j + 1, n_t - 1)  # the next step's inputs load during this one
-        n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
-        n_dy = tl.load(p_dy + (t0 + j_n) * DY_STEP).to(tl.float32)
-        b_h = _recompute_step(b_h, b_w, b_k, b_v, b_f, b_dy, p_scr_c + j * STEP, p_dq + (t0 + j) * DQ_STEP, m_k,
-                              Q_ATOMIC, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+        b_h, nxt = _recompute_step(b_h, nxt, j, t0, n_t, src, b_w, p_scr_c, p_dq, m_k, DQ_STEP, Q_ATOMIC,
+                                   RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
 
 
 @triton.jit
-def _walk_chunk(b_g, b_dw, t0, n_t, p_scr_c, p_q, p_k, p_v, p_f, p_dy, p_dk, p_dv, p_df, stride_qs, stride_ks,
-                stride_vs, stride_fs, m_k, m_v, b_w, clip, DY_STEP: tl.constexpr, DK_STEP: tl.constexpr,
+def _walk_chunk(b_g, b_dw, t0, n_t, p_scr_c, src, p_dk, p_dv, p_df, m_k, m_v, b_w, clip, DK_STEP: tl.constexpr,
                 DV_STEP: tl.constexpr, DF_STEP: tl.constexpr, CLIP: tl.constexpr, K_ATOMIC: tl.constexpr,
                 V_ATOMIC: tl.constexpr, F_ATOMIC: tl.constexpr, PRECISION: tl.constexpr, DW_PRECISION: tl.constexpr,
                 RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr):
     """Steps t0+n_t−1 down to t0 backward, their H_{t-1} from the scratch p_scr_c: returns G and dW."""
     STEP: tl.constexpr = b_g.shape[0] * b_g.shape[1]
-    j = n_t - 1
-    n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
-    n_dy = tl.load(p_dy + (t0 + j) * DY_STEP).to(tl.float32)
-    n_hp = tl.load(p_scr_c + j * STEP)
+    nxt = _backward_inputs(src, t0 + n_t - 1), tl.load(p_scr_c + (n_t - 1) * STEP)
     for j_r in range(n_t):
-        j = n_t - 1 - j_r
-        t = t0 + j
-        b_q, b_k, b_v, b_f, b_dy, b_hp = n_q, n_k, n_v, n_f, n_dy, n_hp
-        j_n = tl.maximum(j - 1, 0)  # inputs of the step before load while this one computes (clamped at t0)
-        n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
-        n_dy = tl.load(p_dy + (t0 + j_n) * DY_STEP).to(tl.float32)
-        n_hp = tl.load(p_scr_c + j_n * STEP)  # H_{t-2}
-        b_g, b_dw = _reverse_step(b_g, b_dw, b_hp, b_q, b_k, b_v, b_f, b_dy, b_w, clip, t, p_dk, p_dv, p_df, m_k, m_v,
-                                  DK_STEP, DV_STEP, DF_STEP, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, PRECISION,
-                                  DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+        b_g, b_dw, nxt = _reverse_step(b_g, b_dw, nxt, n_t - 1 - j_r, t0, src, p_scr_c, b_w, clip, p_dk, p_dv, p_df,
+                                       m_k, m_v, DK_STEP, DV_STEP, DF_STEP, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC,
+                                       PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
     return b_g, b_dw
 
 
@@ -474,61 +479,42 @@ def _m2rnn_bwd_kernel(
     V_ATOMIC: tl.constexpr = (HV < H) or (NB > 1)
     F_ATOMIC: tl.constexpr = (HF < H) or (NB > 1)
 
+    src = (p_q, p_k, p_v, p_f, p_dy, stride_qs, stride_ks, stride_vs, stride_fs, H * V, m_k)  # step inputs
     if INTERLEAVED:
         # chunk NC − 1's states first, alone; then each iteration walks chunk i_c beside chunk i_c − 1's recompute
-        _recompute_chunk(p_ckpt + (NC - 1) * K * V, m_kv, (NC - 1) * C, C, p_scr + ((NC - 1) % 2) * C * STEP,
-                         p_q, p_k, p_v, p_f, p_dy, p_dq, stride_qs, stride_ks, stride_vs, stride_fs, m_k, b_w,
-                         H * V, HQ * K, Q_ATOMIC, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+        _recompute_chunk(p_ckpt + (NC - 1) * K * V, m_kv, (NC - 1) * C, C, p_scr + ((NC - 1) % 2) * C * STEP, src,
+                         p_dq, m_k, b_w, HQ * K, Q_ATOMIC, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
         tl.debug_barrier()  # scratch written by some threads is read by others below
         for i_r in range(NC - 1):
             i_c = NC - 1 - i_r  # walked; chunk i_c − 1 recomputed beside it, into the other half of the scratch
             t0, t_r = i_c * C, (i_c - 1) * C
             p_scr_walk, p_scr_r = p_scr + (i_c % 2) * C * STEP, p_scr + ((i_c - 1) % 2) * C * STEP
+            # the first inputs of each, as _recompute_chunk and _walk_chunk load them
             b_h = tl.load(p_ckpt + (i_c - 1) * K * V, mask=m_kv, other=0.0).to(tl.float32)
-            r_q, r_k, r_v, r_f = _load_step(p_q, p_k, p_v, p_f, t_r, stride_qs, stride_ks, stride_vs, stride_fs, m_k)
-            r_dy = tl.load(p_dy + t_r * H * V).to(tl.float32)
-            n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + C - 1, stride_qs, stride_ks, stride_vs,
-                                            stride_fs, m_k)
-            n_dy = tl.load(p_dy + (t0 + C - 1) * H * V).to(tl.float32)
-            n_hp = tl.load(p_scr_walk + (C - 1) * STEP)
-            for i in range(C):
-                # recompute step t_r + i (inputs one step ahead, as in _recompute_chunk)
-                b_k, b_v, b_f, b_dy = r_k, r_v, r_f, r_dy
-                i_n = tl.minimum(i + 1, C - 1)
-                r_q, r_k, r_v, r_f = _load_step(p_q, p_k, p_v, p_f, t_r + i_n, stride_qs, stride_ks, stride_vs,
-                                                stride_fs, m_k)
-                r_dy = tl.load(p_dy + (t_r + i_n) * H * V).to(tl.float32)
-                b_h = _recompute_step(b_h, b_w, b_k, b_v, b_f, b_dy, p_scr_r + i * STEP, p_dq + (t_r + i) * HQ * K,
-                                      m_k, Q_ATOMIC, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
-                # reverse step t0 + j (inputs one step behind, as in _walk_chunk)
-                j = C - 1 - i
-                b_q, b_k, b_v, b_f, b_dy, b_hp = n_q, n_k, n_v, n_f, n_dy, n_hp
-                j_n = tl.maximum(j - 1, 0)
-                n_q, n_k, n_v, n_f = _load_step(p_q, p_k, p_v, p_f, t0 + j_n, stride_qs, stride_ks, stride_vs,
-                                                stride_fs, m_k)
-                n_dy = tl.load(p_dy + (t0 + j_n) * H * V).to(tl.float32)
-                n_hp = tl.load(p_scr_walk + j_n * STEP)
-                b_g, b_dw = _reverse_step(b_g, b_dw, b_hp, b_q, b_k, b_v, b_f, b_dy, b_w, clip, t0 + j, p_dk, p_dv,
-                                          p_df, m_k, m_v, HK * K, HV * V, HF, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC,
-                                          PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+            r_nxt = _backward_inputs(src, t_r)
+            w_nxt = _backward_inputs(src, t0 + C - 1), tl.load(p_scr_walk + (C - 1) * STEP)
+            for i in range(C):  # recompute step t_r + i, then reverse step t0 + C − 1 − i
+                b_h, r_nxt = _recompute_step(b_h, r_nxt, i, t_r, C, src, b_w, p_scr_r, p_dq, m_k, HQ * K, Q_ATOMIC,
+                                             RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+                b_g, b_dw, w_nxt = _reverse_step(b_g, b_dw, w_nxt, C - 1 - i, t0, src, p_scr_walk, b_w, clip, p_dk,
+                                                 p_dv, p_df, m_k, m_v, HK * K, HV * V, HF, CLIP, K_ATOMIC, V_ATOMIC,
+                                                 F_ATOMIC, PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH,
+                                                 NONLINEAR)
             tl.debug_barrier()  # the next iteration overwrites the half these threads just read
-        b_g, b_dw = _walk_chunk(b_g, b_dw, 0, C, p_scr, p_q, p_k, p_v, p_f, p_dy, p_dk, p_dv, p_df, stride_qs,
-                                stride_ks, stride_vs, stride_fs, m_k, m_v, b_w, clip, H * V, HK * K, HV * V, HF,
-                                CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, PRECISION, DW_PRECISION, RECOMPUTE_PRECISION,
+        b_g, b_dw = _walk_chunk(b_g, b_dw, 0, C, p_scr, src, p_dk, p_dv, p_df, m_k, m_v, b_w, clip, HK * K, HV * V,
+                                HF, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, PRECISION, DW_PRECISION, RECOMPUTE_PRECISION,
                                 FAST_TANH, NONLINEAR)
     else:
         for i_r in range(NC):
             i_c = NC - 1 - i_r
             t0 = i_c * C
             n_t = tl.minimum(C, S - t0)
-            _recompute_chunk(p_ckpt + i_c * K * V, m_kv, t0, n_t, p_scr, p_q, p_k, p_v, p_f, p_dy, p_dq, stride_qs,
-                             stride_ks, stride_vs, stride_fs, m_k, b_w, H * V, HQ * K, Q_ATOMIC, RECOMPUTE_PRECISION,
-                             FAST_TANH, NONLINEAR)
+            _recompute_chunk(p_ckpt + i_c * K * V, m_kv, t0, n_t, p_scr, src, p_dq, m_k, b_w, HQ * K, Q_ATOMIC,
+                             RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
             tl.debug_barrier()  # scratch written by some threads is read by others below
-            b_g, b_dw = _walk_chunk(b_g, b_dw, t0, n_t, p_scr, p_q, p_k, p_v, p_f, p_dy, p_dk, p_dv, p_df, stride_qs,
-                                    stride_ks, stride_vs, stride_fs, m_k, m_v, b_w, clip, H * V, HK * K, HV * V, HF,
-                                    CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, PRECISION, DW_PRECISION, RECOMPUTE_PRECISION,
-                                    FAST_TANH, NONLINEAR)
+            b_g, b_dw = _walk_chunk(b_g, b_dw, t0, n_t, p_scr, src, p_dk, p_dv, p_df, m_k, m_v, b_w, clip, HK * K,
+                                    HV * V, HF, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, PRECISION, DW_PRECISION,
+                                    RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
             tl.debug_barrier()  # the next chunk overwrites the scratch these threads just read
     tl.store(DH0 + o_state, b_g, mask=m_kv)
     tl.store(DW + ((i_bh * NB + i_k) * V + o_v[:, None]) * V + o_v[None, :], b_dw)
