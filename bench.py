@@ -96,8 +96,9 @@ def parse_args(argv):
         unknown = [m for m in settings[key].split(",") if m not in MODELS]
         if unknown:
             raise SetupError(f"--{key}: unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    if not all(type(p) is int and p > 0 for p in settings["gen_positions"]):
-        raise SetupError(f"--gen_positions must be positive ints, got {settings['gen_positions']!r}")
+    positions = settings["gen_positions"]
+    if not all(type(p) is int and p > 0 for p in positions) or len(set(positions)) < len(positions):
+        raise SetupError(f"--gen_positions must be distinct positive ints, got {positions!r}")
     for key in ("steps", "gen_steps", "gen_rounds", "gen_batch_size"):  # medians of at least one timing
         if settings[key] < 1:
             raise SetupError(f"--{key} must be at least 1, got {settings[key]}")

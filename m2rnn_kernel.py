@@ -22,9 +22,10 @@ The kernel, in reading order:
   * forward: one program per (batch, head, row block). Rows of H are independent
     (H W mixes columns only, k_t[i] scales row i), so a program owns BK rows and keeps them
     in registers for the whole sequence. Every C steps it writes the state to a checkpoint
-    buffer (B,H,NC,K,V) with NC = ceil(S/C): that is all the backward needs. Where the grid
-    is small, it loads its inputs 8 steps at a time (one layout change per tile, not per step), and
-    where even programs of 16 rows all fit, it runs those (more warps to hide each one's chain).
+    buffer (B,H,NC,K,V) with NC = ceil(S/C): that is all the backward needs. Where the whole grid
+    runs at once (8 programs per SM, or 12 with bf16 inputs under a register cap), it loads its inputs
+    8 steps at a time (one layout change per tile, not per step), and where even programs of 16 rows
+    all fit, it runs those (more warps to hide each one's chain).
   * backward: chunks in reverse order. For each chunk the program reloads the checkpoint,
     recomputes the chunk's states forward (storing H_{t-1} in a small per-program scratch of
     C steps), then walks the chunk backward with the equations of the spec §3, recomputing
@@ -183,7 +184,7 @@ def _sum_rows_into(p_out, b_x, b_m, mask, ATOMIC: tl.constexpr):
     (rows i and i+1, mod 8), which halves the values the atomics carry: each thread adds 2 columns. Measured
     (notes_kernel.md, v11, v16, v18): for y, the full sum (3 rounds, then through shared memory to one thread)
     cost 17 more instructions a step, no round at all was 1.6-3% slower than one, a second round 3-10% slower;
-    for dv, the backward 1-6% faster than with the full sum."""
+    for dv, the backward from 5.8% faster (7B) to 0.9% slower (B=1) than with the full sum."""
     BK: tl.constexpr = b_m.shape[0]
     V: tl.constexpr = b_m.shape[1]
     if ATOMIC:
@@ -355,7 +356,7 @@ def _recompute_step(b_h, nxt, j, t0, n_t, src, b_w, p_scr_c, p_dq, m_k, DQ_STEP:
 
 
 @triton.jit
-def _reverse_step(b_g, b_dw, nxt, j, t0, src, p_scr_c, b_w, clip, p_dk, p_dv, p_df, m_k, m_v,
+def _reverse_step(b_g, b_dw, nxt, j, t0, src, b_w, p_scr_c, clip, p_dk, p_dv, p_df, m_k, m_v,
                   DK_STEP: tl.constexpr, DV_STEP: tl.constexpr, DF_STEP: tl.constexpr, CLIP: tl.constexpr,
                   K_ATOMIC: tl.constexpr, V_ATOMIC: tl.constexpr, F_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
                   DW_PRECISION: tl.constexpr, RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
@@ -413,7 +414,7 @@ def _walk_chunk(b_g, b_dw, t0, n_t, p_scr_c, src, p_dk, p_dv, p_df, m_k, m_v, b_
     STEP: tl.constexpr = b_g.shape[0] * b_g.shape[1]
     nxt = _backward_inputs(src, t0 + n_t - 1), tl.load(p_scr_c + (n_t - 1) * STEP)
     for j_r in range(n_t):
-        b_g, b_dw, nxt = _reverse_step(b_g, b_dw, nxt, n_t - 1 - j_r, t0, src, p_scr_c, b_w, clip, p_dk, p_dv, p_df,
+        b_g, b_dw, nxt = _reverse_step(b_g, b_dw, nxt, n_t - 1 - j_r, t0, src, b_w, p_scr_c, clip, p_dk, p_dv, p_df,
                                        m_k, m_v, DK_STEP, DV_STEP, DF_STEP, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC,
                                        PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
     return b_g, b_dw
@@ -479,7 +480,9 @@ def _m2rnn_bwd_kernel(
     V_ATOMIC: tl.constexpr = (HV < H) or (NB > 1)
     F_ATOMIC: tl.constexpr = (HF < H) or (NB > 1)
 
-    src = (p_q, p_k, p_v, p_f, p_dy, stride_qs, stride_ks, stride_vs, stride_fs, H * V, m_k)  # step inputs
+    # what _backward_inputs reads a step's inputs from: pointers to step 0's q, k, v, f, dy; their strides over
+    # steps (dy is contiguous: H·V); the mask of the rows
+    src = (p_q, p_k, p_v, p_f, p_dy, stride_qs, stride_ks, stride_vs, stride_fs, H * V, m_k)
     if INTERLEAVED:
         # chunk NC − 1's states first, alone; then each iteration walks chunk i_c beside chunk i_c − 1's recompute
         _recompute_chunk(p_ckpt + (NC - 1) * K * V, m_kv, (NC - 1) * C, C, p_scr + ((NC - 1) % 2) * C * STEP, src,
@@ -496,7 +499,7 @@ def _m2rnn_bwd_kernel(
             for i in range(C):  # recompute step t_r + i, then reverse step t0 + C − 1 − i
                 b_h, r_nxt = _recompute_step(b_h, r_nxt, i, t_r, C, src, b_w, p_scr_r, p_dq, m_k, HQ * K, Q_ATOMIC,
                                              RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
-                b_g, b_dw, w_nxt = _reverse_step(b_g, b_dw, w_nxt, C - 1 - i, t0, src, p_scr_walk, b_w, clip, p_dk,
+                b_g, b_dw, w_nxt = _reverse_step(b_g, b_dw, w_nxt, C - 1 - i, t0, src, b_w, p_scr_walk, clip, p_dk,
                                                  p_dv, p_df, m_k, m_v, HK * K, HV * V, HF, CLIP, K_ATOMIC, V_ATOMIC,
                                                  F_ATOMIC, PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH,
                                                  NONLINEAR)
@@ -581,7 +584,7 @@ def _output(shape, like, atomic):
 
 
 # One-warp programs resident per SM at up to 255 registers a thread (64K registers / (256 · 32)). The kernels'
-# register-hungry forms (the forward's 8-step tiles, ~200 against ~90; the interleaved backward, ~220) are used
+# register-hungry forms (the forward's 8-step tiles, ~200 against ~110; the interleaved backward, ~220) are used
 # only where the whole grid fits in that many, or under the cap below.
 _PROGRAMS_PER_SM_UNCAPPED = 8
 # Registers are split among an SM's 4 schedulers, 16K each, and a program (one warp) lives on one. At most
@@ -604,8 +607,8 @@ def _forward_tiled(B, H, NB, BK, chunk, sms, dtype):
     B·H·NB programs of BK rows all fit at once, at 8 per SM, or, with bf16 inputs, at 12 per SM under the register
     cap. Measured (notes_kernel.md): faster where the grid fits (v10, B=1: 1.78 -> 1.34 ms; 7B, exactly 8 per SM:
     2.04 -> 1.93), slower where it does not (400M, 8 per SM: 2.66 -> 3.19); under the cap 32-row tiles spill ~20
-    registers and since v17 still gain (v18, 400M: 2.44 -> 2.30 ms; config/hybrid.py's layer: equal), fp32 ones
-    lose (v14, B=3 H=132: +2%)."""
+    registers and since v17 still gain (v18, 400M: 2.44 -> 2.30 ms; config/hybrid.py's layer: equal); fp32 tiles
+    spill more (102 bytes at 32 rows uncapped, v15) and are not used under the cap (untimed there)."""
     programs = B * H * NB
     fits_capped = dtype != torch.float32 and _all_resident(programs, _PROGRAMS_PER_SM_CAPPED, sms)
     return chunk % 8 == 0 and (_all_resident(programs, _PROGRAMS_PER_SM_UNCAPPED, sms) or fits_capped)

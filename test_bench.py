@@ -4,6 +4,7 @@ builds from the config files, and clear errors for bad flags.
 
     python -m pytest -q test_bench.py
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -53,6 +54,23 @@ def test_cpu_smoke_run(tmp_path):
         assert not (out / "bench.png").exists() and "pip install matplotlib" in result.stdout
 
 
+def test_decoding_pools_the_rounds(monkeypatch):
+    """Each position's ms/token is the median of every round's steps, not of one sweep: timed steps faked so
+    that call i (positions in order, round after round) takes i + 1 ms."""
+    s, overrides = bench.parse_args(SMOKE[:-3] + ["--gen_positions=8,16", "--gen_steps=2", "--gen_rounds=3"])
+    cfg, args = bench.model_args("hybrid", overrides, s)
+    calls = []
+
+    def fake_step_times(fn, n, device):
+        fn()  # one real decode step, so the code around it runs
+        calls.append(n)
+        return [len(calls) / 1e3] * n
+    monkeypatch.setattr(bench, "step_times", fake_step_times)
+    rows = bench.bench_generate("hybrid", cfg, args, s, torch.device("cpu"), contextlib.nullcontext(), torch.float32)
+    assert calls == [2] * 6  # 2 positions x 3 rounds
+    assert [(r["position"], r["ms_per_token"]) for r in rows] == [(8, 3.0), (16, 4.0)]  # medians of 1,3,5 and 2,4,6
+
+
 def test_models_from_the_configs_at_equal_size():
     s, _ = bench.parse_args([])
     counts = {}
@@ -81,14 +99,15 @@ def test_flags_are_typed_like_their_defaults():
     (["--layer_pattern=MA"], "unknown setting 'layer_pattern'"),
     (["--steps=2.5"], "steps must be of type int like its default 20, got 2.5"),
     (["--gen_positions=8,x"], "gen_positions must be of type tuple"),
-    (["--gen_positions=0,8"], "--gen_positions must be positive ints"),
+    (["--gen_positions=0,8"], "--gen_positions must be distinct positive ints"),
+    (["--gen_positions=8,8"], "--gen_positions must be distinct positive ints"),
     (["--n_layer=three"], "n_layer must be of type int"),
     (["--models=gpt,gtp"], r"unknown model\(s\) \['gtp'\]"),
     (["--mode=both"], r"mode must be one of \('train', 'generate', 'all'\), got 'both'"),
     (["--steps"], "expected --key=value"),
     (["--steps=0"], "--steps must be at least 1, got 0"),
     (["--gen_rounds=0"], "--gen_rounds must be at least 1, got 0"),
-], ids=["typo", "train-only-setting", "pattern", "float-for-int", "bad-tuple", "zero-position", "bad-override",
+], ids=["typo", "train-only-setting", "pattern", "float-for-int", "bad-tuple", "zero-position", "same-position", "bad-override",
         "bad-model", "bad-mode", "no-value", "no-steps", "no-rounds"])
 def test_flag_errors(argv, message):
     with pytest.raises(bench.SetupError, match=message):

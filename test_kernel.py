@@ -260,7 +260,7 @@ def test_kernel_matches_reference(case, dtype, poisoned):
                          ids=["S16-C8", "S13-C8-ragged", "S19-C16-ragged", "S13-C8-K64-two-row-blocks",
                               "S13-C8-K64-four-16-row-blocks"])
 def test_kernel_forward_in_tiles_of_8_steps(S, chunk, K, BK, dtype, poisoned, monkeypatch):
-    """On a GPU, a small grid's forward loads its inputs 8 steps at a time (TILE8), the last tile of a ragged
+    """On a GPU, a grid that runs all at once loads its inputs 8 steps at a time (TILE8), the last tile of a ragged
     S padded with steps that leave the state as it is; forced here, with 16 or 32 rows per program. At K=64 two
     or four programs per head add their read-outs into y, as partial sums of pairs of threads (_sum_rows_into)."""
     tiled = []
