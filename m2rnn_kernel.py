@@ -602,6 +602,14 @@ def _all_resident(programs, per_sm, sms):
     return programs <= per_sm * sms
 
 
+def _fits_at_once(programs, sms, capped_form_fits):
+    """Whether a register-hungry form (the forward's tiles, the interleaved backward) runs all `programs` at once:
+    at 8 per SM without a cap, or, where that form keeps its speed under the register cap (capped_form_fits), at
+    12 per SM under it. The launchers cap the registers exactly when the first does not hold."""
+    return (_all_resident(programs, _PROGRAMS_PER_SM_UNCAPPED, sms)
+            or capped_form_fits and _all_resident(programs, _PROGRAMS_PER_SM_CAPPED, sms))
+
+
 def _forward_tiled(B, H, NB, BK, chunk, sms, dtype):
     """Whether the forward loads its inputs as tiles of 8 steps: where the chunk is a multiple of 8 and the
     B·H·NB programs of BK rows all fit at once, at 8 per SM, or, with bf16 inputs, at 12 per SM under the register
@@ -609,9 +617,7 @@ def _forward_tiled(B, H, NB, BK, chunk, sms, dtype):
     2.04 -> 1.93), slower where it does not (400M, 8 per SM: 2.66 -> 3.19); under the cap 32-row tiles spill ~20
     registers and since v17 still gain (v18, 400M: 2.44 -> 2.30 ms; config/hybrid.py's layer: equal); fp32 tiles
     spill more (102 bytes at 32 rows uncapped, v15) and are not used under the cap (untimed there)."""
-    programs = B * H * NB
-    fits_capped = dtype != torch.float32 and _all_resident(programs, _PROGRAMS_PER_SM_CAPPED, sms)
-    return chunk % 8 == 0 and (_all_resident(programs, _PROGRAMS_PER_SM_UNCAPPED, sms) or fits_capped)
+    return chunk % 8 == 0 and _fits_at_once(B * H * NB, sms, capped_form_fits=dtype != torch.float32)
 
 
 def _forward_rows_per_program(B, H, K, BK, chunk, sms, dtype):
@@ -671,9 +677,7 @@ def _backward_interleaved(B, H, NB, BK, S, chunk, sms, dtype):
     at 12 per SM under the register cap (32-row ones and fp32 ones spill there and lose: 400M 8.61 -> 8.98 ms, B=3
     H=132 fp32 +2%; notes_kernel.md, v14). In a grid that small each warp waits on its own chain most of the time
     (v13): a second chain fills that. Measured (v14): B=4 at H=84, 1,344 16-row programs, 5.60 -> 5.12 ms."""
-    programs = B * H * NB
-    fits_capped = BK == 16 and dtype != torch.float32 and _all_resident(programs, _PROGRAMS_PER_SM_CAPPED, sms)
-    return S % chunk == 0 and (_all_resident(programs, _PROGRAMS_PER_SM_UNCAPPED, sms) or fits_capped)
+    return S % chunk == 0 and _fits_at_once(B * H * NB, sms, capped_form_fits=BK == 16 and dtype != torch.float32)
 
 
 def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
