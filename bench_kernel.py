@@ -1,7 +1,9 @@
 """
 Benchmark of the M²RNN Triton kernel on a CUDA GPU: forward and forward+backward times
 (medians of triton.testing.do_bench), peak extra memory, the fraction of the tanh floor
-reached, and the speed-up over the plain PyTorch reference at a small shape — in one run.
+reached, and the speed-up over the plain PyTorch reference at a small shape — in one run. The
+last two columns: forward+backward and memory again with store_states=True (every state kept for
+the backward instead of a checkpoint every 64 steps).
 
     python bench_kernel.py                 # every shape below, bf16
     python bench_kernel.py --shapes=400M   # one shape (comma-separated names)
@@ -48,31 +50,40 @@ def tanh_floor_ms(B, S, H, K, V):
     return B * S * H * K * V / (TANH_PER_CLOCK_PER_SM * sms * clock) * 1e3
 
 
-def fwd_bwd(inputs, impl, grads=None):
+def fwd_bwd(inputs, impl, grads=None, store_states=False):
     """One forward+backward; grads = (dy, dh) made beforehand, so that memory measurements
     count only what the recurrence allocates."""
-    y, h = m2rnn(*inputs, grad_clip=1.0, impl=impl)
+    y, h = m2rnn(*inputs, grad_clip=1.0, impl=impl, store_states=store_states)
     dy, dh = grads if grads is not None else (torch.ones_like(y), torch.ones_like(h))
     torch.autograd.backward((y, h), (dy, dh))
 
 
-def bench_shape(B, S, H, K, V):
-    inputs = make_inputs(B, S, H, K, V)
-    with torch.no_grad():
-        t_fwd = do_bench(lambda: m2rnn(*inputs, impl="triton"), warmup=50, rep=300, return_mode="median")
-    t_fb = do_bench(lambda: fwd_bwd(inputs, "triton"), warmup=50, rep=500, grad_to_none=inputs,
-                    return_mode="median")
+def forward_backward_ms_and_gib(inputs, store_states):
+    """Median forward+backward time, and the peak memory it allocates beyond the inputs and output gradients."""
+    t_fb = do_bench(lambda: fwd_bwd(inputs, "triton", store_states=store_states), warmup=50, rep=500,
+                    grad_to_none=inputs, return_mode="median")
     for x in inputs:
         x.grad = None
-    grads = (torch.randn(B, S, H, V, device="cuda", dtype=inputs[0].dtype), torch.randn(B, H, K, V, device="cuda"))
+    q, W = inputs[0], inputs[3]
+    B, S, H, K, V = *q.shape[:2], W.shape[0], q.shape[3], W.shape[1]
+    grads = (torch.randn(B, S, H, V, device="cuda", dtype=q.dtype), torch.randn(B, H, K, V, device="cuda"))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()  # inputs and output gradients present; outputs and grads counted
-    fwd_bwd(inputs, "triton", grads)
+    fwd_bwd(inputs, "triton", grads, store_states)
     torch.cuda.synchronize()
-    extra_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return t_fb, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def bench_shape(B, S, H, K, V):
+    torch.cuda.empty_cache()  # each shape from a fresh allocator: the stored states of the shape before are large
+    inputs = make_inputs(B, S, H, K, V)
+    with torch.no_grad():
+        t_fwd = do_bench(lambda: m2rnn(*inputs, impl="triton"), warmup=50, rep=300, return_mode="median")
+    t_fb, extra_gib = forward_backward_ms_and_gib(inputs, store_states=False)
+    t_fb_stored, stored_gib = forward_backward_ms_and_gib(inputs, store_states=True)
     floor = tanh_floor_ms(B, S, H, K, V)
-    return t_fwd, t_fb, extra_gib, floor / t_fwd, 2 * floor / t_fb
+    return t_fwd, t_fb, extra_gib, floor / t_fwd, 2 * floor / t_fb, t_fb_stored, stored_gib
 
 
 def reference_speedup():
@@ -98,13 +109,14 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_kernel.py needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, grad_clip=1.0")
+    print(f"{'':<35} {'':>8} {'':>11} {'':>10} {'':>10} {'':>10} {'store_states=True':>22}")
     print(f"{'shape':<12} {'B,S,H,K,V':<22} {'fwd ms':>8} {'fwd+bwd ms':>11} {'extra GiB':>10} "
-          f"{'fwd/floor':>10} {'f+b/floor':>10}")
+          f"{'fwd/floor':>10} {'f+b/floor':>10} {'fwd+bwd ms':>11} {'extra GiB':>10}")
     for name in names:
         shape = SHAPES[name]
-        t_fwd, t_fb, gib, frac_f, frac_fb = bench_shape(*shape)
-        print(f"{name:<12} {str(shape):<22} {t_fwd:8.3f} {t_fb:11.3f} {gib:10.3f} {frac_f:10.1%} {frac_fb:10.1%}",
-              flush=True)
+        t_fwd, t_fb, gib, frac_f, frac_fb, t_fb_stored, gib_stored = bench_shape(*shape)
+        print(f"{name:<12} {str(shape):<22} {t_fwd:8.3f} {t_fb:11.3f} {gib:10.3f} {frac_f:10.1%} {frac_fb:10.1%} "
+              f"{t_fb_stored:11.3f} {gib_stored:10.3f}", flush=True)
     t_ref, t_ker = reference_speedup()
     print(f"PyTorch reference vs kernel, fwd+bwd at B=4 S=512 H=16 K=64 V=16: "
           f"{t_ref:.1f} ms vs {t_ker:.3f} ms = {t_ref / t_ker:.0f}x")

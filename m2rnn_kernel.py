@@ -30,8 +30,12 @@ The kernel, in reading order:
     recomputes the chunk's states forward (storing H_{t-1} in a small per-program scratch of
     C steps), then walks the chunk backward with the equations of the spec §3, recomputing
     Z_t from H_{t-1} on the way. Memory is O(S/C + C) states instead of O(S): no buffer of
-    all S states ever exists. Checkpoints and scratch are float16 for bf16 inputs. Where the grid
-    is small, chunk c is walked while chunk c−1 is recomputed, a step of each in one loop.
+    all S states ever exists. Checkpoints and scratch are float16 for bf16 inputs; the scratch
+    holds each state in the order the tensor cores' registers hold it (_to_private), so it
+    goes out and comes back without moving between threads. Where the grid is small, chunk c
+    is walked while chunk c−1 is recomputed, a step of each in one loop.
+    With store_states=True the forward stores every state in that order instead, and the
+    backward is the reverse walk alone: faster, at B·S·H·K·V stored numbers.
   * the `torch.library` custom ops and their autograd, so torch.compile traces through.
   * `m2rnn(...)`, the public function, and `m2rnn_reference(...)`, a literal loop.
 """
@@ -196,6 +200,51 @@ def _sum_rows_into(p_out, b_x, b_m, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
+def _to_private(b):
+    """(BK,V) -> (32, BK/16, V/2/VEC, VEC), ordered so that dimension 0 is the lane that holds the element in the
+    tensor cores' accumulator layout (lane 4g + c holds rows g, g+8 (+16, +24) and columns 2c, 2c+1 (+8) of each
+    16 × 8 tile) and the last is VEC elements (16 bytes) of one lane's: stored at _private_offsets, each lane's
+    values lie together, so a state goes to memory and back to the tensor cores' layout without moving between
+    lanes. Stored in plain (BK,V) order, the backward's scratch went through shared memory both ways.
+    For V = 16 only (the paper's, measured): other V keep the plain order (with V = 64 and bf16 inputs this
+    order gave NaN on the GPU, not on the interpreter; not investigated)."""
+    BK: tl.constexpr = b.shape[0]
+    V: tl.constexpr = b.shape[1]
+    VEC: tl.constexpr = 128 // b.dtype.primitive_bitwidth
+    if V == 16:
+        x = tl.reshape(b, [BK // 16, 2, 8, V // 8, 4, 2])  # row = 16m + 8h + g, column = 8n + 2c + e
+        x = tl.permute(x, (2, 4, 0, 1, 3, 5))  # (g, c, m, h, n, e)
+        x = tl.reshape(x, [32, BK // 16, V // 2 // VEC, VEC])
+    else:
+        x = b
+    return x
+
+
+@triton.jit
+def _from_private(x, V: tl.constexpr):
+    """The inverse of _to_private: (32, BK/16, V/2/VEC, VEC) -> (BK,V)."""
+    if V == 16:
+        M: tl.constexpr = x.shape[1]
+        x = tl.reshape(x, [8, 4, M, 2, V // 8, 2])  # (g, c, m, h, n, e)
+        x = tl.reshape(tl.permute(x, (2, 3, 0, 4, 1, 5)), [M * 16, V])
+    return x
+
+
+@triton.jit
+def _private_offsets(BK: tl.constexpr, V: tl.constexpr, VEC: tl.constexpr):
+    """Where _to_private's elements go in a (BK,V) block of memory: 16 rows' worth (V/2 values of each lane, lanes
+    in order) after another, so one access of the warp covers 512 contiguous bytes. Four dimensions, so that
+    Triton's coalescing gives each lane VEC contiguous values of its own: the layout _to_private leaves them in."""
+    if V == 16:
+        N: tl.constexpr = V // 2 // VEC
+        o = tl.arange(0, 32)[:, None, None, None] * (V // 2) + tl.arange(0, BK // 16)[None, :, None, None] * (16 * V)
+        o = o + tl.arange(0, N)[None, None, :, None] * VEC + tl.arange(0, VEC)[None, None, None, :]
+    else:
+        o = tl.arange(0, BK)[:, None] * V + tl.arange(0, V)[None, :]
+    return o
+
+
+@triton.jit
 def _forward_step(b_h, b_q_prev, b_w, b_k, b_v, b_f, p_y_prev, m_y_prev, PRECISION: tl.constexpr,
                   FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr, Y_ATOMIC: tl.constexpr):
     """Step t: returns H_t. Also the read-out of the step before, y_{t-1} = H_{t-1}ᵀ q_{t-1} (3), whose
@@ -242,11 +291,13 @@ def _m2rnn_fwd_kernel(
     H: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, HF: tl.constexpr,
     HW: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
     HAS_H0: tl.constexpr, Y_ATOMIC: tl.constexpr, PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
-    NONLINEAR: tl.constexpr, TILE8: tl.constexpr,
+    NONLINEAR: tl.constexpr, TILE8: tl.constexpr, EVERY_STEP: tl.constexpr, KP: tl.constexpr,
 ):
     """One program: rows [i_k·BK, (i_k+1)·BK) of the state of head i_h in batch i_b.
     Head i_h reads head i_h // (H // HX) of a tensor with HX heads. TILE8: inputs are loaded as tiles of
-    8 steps (C a multiple of 8), else one step at a time."""
+    8 steps (C a multiple of 8), else one step at a time. EVERY_STEP: CKPT holds every state (B,H,S+1,KP,V), for
+    a backward that reads them instead of recomputing: H_{t-1} in slot t, H_{S-1} in slot S, each in blocks of 16
+    rows in _to_private's order (KP: K padded to whole row blocks); else it holds the NC checkpoints (B,H,NC,K,V)."""
     i_bh, i_k = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = i_k * BK + tl.arange(0, BK)  # the rows this program owns
@@ -261,6 +312,9 @@ def _m2rnn_fwd_kernel(
     p_y = Y + (i_b * S * H + i_h) * V + o_v  # Y is (B,S,H,V) contiguous
     o_state = (i_bh * K + o_k[:, None]) * V + o_v[None, :]  # offsets in a (B,H,K,V) state
     p_ckpt = CKPT + i_bh * NC * K * V + o_k[:, None] * V + o_v[None, :]  # (B,H,NC,K,V)
+    STEP: tl.constexpr = KP * V  # if EVERY_STEP: from one stored state to the next
+    o_private = _private_offsets(BK, V, 128 // CKPT.dtype.element_ty.primitive_bitwidth)
+    p_states = CKPT + (i_bh.to(tl.int64) * (S + 1) * KP + i_k * BK) * V + o_private  # (B,H,S+1,KP,V)
 
     b_w = tl.load(W + (i_h // (H // HW)) * V * V + o_v[:, None] * V + o_v[None, :])  # (V,V) fp32
     if HAS_H0:
@@ -279,9 +333,12 @@ def _m2rnn_fwd_kernel(
             # checkpoint: the state before the chunk, from which the backward recomputes it. Stored here,
             # outside the step loop: inside it, under `if t % C == 0`, the state's conversion to the
             # store's layout ran on every step (notes_kernel.md, v4)
-            tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)
+            if not EVERY_STEP:
+                tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)
             for j in range(tl.minimum(C, S - i_c * C)):
                 t = i_c * C + j
+                if EVERY_STEP:
+                    tl.store(p_states + t * STEP, _to_private(b_h.to(CKPT.dtype.element_ty)))  # H_{t-1}
                 b_q, b_k, b_v, b_f = n_q, n_k, n_v, n_f
                 n_q, n_k, n_v, n_f = nn_q, nn_k, nn_v, nn_f
                 nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 2, S - 1), stride_qs,
@@ -298,7 +355,8 @@ def _m2rnn_fwd_kernel(
         # unchanged, and their read-outs are not stored.
         n_q, n_k, n_v, n_f = _load_tile8(p_q, p_k, p_v, p_f, 0, S, stride_qs, stride_ks, stride_vs, stride_fs, m_kv, V)
         for i_c in range(NC):
-            tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)  # as above
+            if not EVERY_STEP:
+                tl.store(p_ckpt + i_c * K * V, b_h.to(CKPT.dtype.element_ty), mask=m_kv)  # as above
             for j in range(0, tl.minimum(C, S - i_c * C), 8):
                 t = i_c * C + j
                 # this tile, and the next one loaded now, 8 steps ahead of its use
@@ -314,6 +372,9 @@ def _m2rnn_fwd_kernel(
                         m_y_prev = o_v < tl.minimum(t, 1) * V
                     else:
                         m_y_prev = o_v < (t + s <= S) * V
+                    if EVERY_STEP:  # none past S
+                        tl.store(p_states + (t + s) * STEP, _to_private(b_h.to(CKPT.dtype.element_ty)),
+                                 mask=o_private < (t + s < S) * BK * V)
                     b_h = _forward_step(b_h, b_q_prev, b_w, ks[s], vs[s], fs[s][None, :], p_y_prev + s * H * V,
                                         m_y_prev, PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
                     b_q_prev = qs[s]
@@ -324,6 +385,8 @@ def _m2rnn_fwd_kernel(
     b_y = tl.sum(b_q_prev[:, None] * b_h, axis=0)
     _store_or_add(p_y + (S - 1) * H * V, b_y, m_y_last, Y_ATOMIC)
     tl.store(HT + o_state, b_h, mask=m_kv)
+    if EVERY_STEP:
+        tl.store(p_states + S * STEP, _to_private(b_h.to(CKPT.dtype.element_ty)))  # H_{S-1}, for dq_{S-1}
 
 
 @triton.jit
@@ -349,16 +412,23 @@ def _recompute_step(b_h, nxt, j, t0, n_t, src, b_w, p_scr_c, p_dq, m_k, DQ_STEP:
     p_scr_j, p_dq_t = p_scr_c + j * STEP, p_dq + (t0 + j) * DQ_STEP
     b_hs = b_h.to(p_scr_j.dtype.element_ty)  # H_{t-1} as stored: Z comes from it here and in the reverse walk
     b_z = _candidate(b_hs, b_w, b_k, b_v, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
-    tl.store(p_scr_j, b_hs)
+    tl.store(p_scr_j, _to_private(b_hs))
     b_h = b_f * b_h + (1.0 - b_f) * b_z  # H_t
     _store_or_add(p_dq_t, tl.sum(b_h * b_dy[None, :], axis=1), m_k, Q_ATOMIC)  # dq_t = H_t dy_t   (BK,)
     return b_h, nxt
 
 
 @triton.jit
-def _reverse_step(b_g, b_dw, nxt, j, t0, src, b_w, p_scr_c, clip, p_dk, p_dv, p_df, m_k, m_v,
-                  DK_STEP: tl.constexpr, DV_STEP: tl.constexpr, DF_STEP: tl.constexpr, CLIP: tl.constexpr,
-                  K_ATOMIC: tl.constexpr, V_ATOMIC: tl.constexpr, F_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+def _load_state(p, V: tl.constexpr):
+    """A (BK,V) state H_{t-1} stored in _to_private's order (p: its _private_offsets), in the accumulator layout."""
+    return _from_private(tl.load(p), V)
+
+
+@triton.jit
+def _reverse_step(b_g, b_dw, nxt, j, t0, src, b_w, p_scr_c, clip, p_dk, p_dv, p_df, p_dq, m_k, m_v, SLOT: tl.constexpr,
+                  DK_STEP: tl.constexpr, DV_STEP: tl.constexpr, DF_STEP: tl.constexpr, DQ_STEP: tl.constexpr,
+                  CLIP: tl.constexpr, K_ATOMIC: tl.constexpr, V_ATOMIC: tl.constexpr, F_ATOMIC: tl.constexpr,
+                  Q_ATOMIC: tl.constexpr, STORED: tl.constexpr, PRECISION: tl.constexpr,
                   DW_PRECISION: tl.constexpr, RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
                   NONLINEAR: tl.constexpr):
     """Step t = t0 + j of the reverse walk (spec §3) over the chunk from t0, whose inputs and H_{t-1} from the
@@ -366,11 +436,17 @@ def _reverse_step(b_g, b_dw, nxt, j, t0, src, b_w, p_scr_c, clip, p_dk, p_dv, p_
     b_g: the gradient reaching H_t from later steps. Returns the gradient reaching H_{t-1}, dW with this step's
     term and the loaded inputs; stores dk_t, dv_t, df_t (their addresses are formed here, at the stores: formed
     by the caller, they held ~7 more registers across the step, which pushed the capped 400M backward into
-    spills on Triton 3.6)."""
-    STEP: tl.constexpr = b_g.shape[0] * b_g.shape[1]
+    spills on Triton 3.6). STORED: the states come from the forward, and the step also adds dq_t = H_t dy_t,
+    with the H_t it loaded one step before (as H_{t-1} of step t + 1): nxt then carries it as a third entry."""
+    V: tl.constexpr = b_g.shape[1]
     t, j_n = t0 + j, tl.maximum(j - 1, 0)
-    cur, nxt = nxt, (_backward_inputs(src, t0 + j_n), tl.load(p_scr_c + j_n * STEP))  # H_{t-2} for the next
-    ins, b_hp = cur
+    if STORED:
+        cur, nxt = nxt, (_backward_inputs(src, t0 + j_n), _load_state(p_scr_c + j_n * SLOT, V), nxt[1])
+        ins, b_hp, b_hn = cur
+        _store_or_add(p_dq + t * DQ_STEP, tl.sum(b_hn.to(tl.float32) * ins[4][None, :], axis=1), m_k, Q_ATOMIC)
+    else:
+        cur, nxt = nxt, (_backward_inputs(src, t0 + j_n), _load_state(p_scr_c + j_n * SLOT, V))  # H_{t-2}, next
+        ins, b_hp = cur
     b_q, b_k, b_v, b_f, b_dy = ins
     # Z_t again from H_{t-1}: off the chain through G, and half the scratch traffic of storing it
     b_z = _candidate(b_hp, b_w, b_k, b_v, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
@@ -406,17 +482,22 @@ def _recompute_chunk(p_ckpt_c, m_kv, t0, n_t, p_scr_c, src, p_dq, m_k, b_w, DQ_S
 
 
 @triton.jit
-def _walk_chunk(b_g, b_dw, t0, n_t, p_scr_c, src, p_dk, p_dv, p_df, m_k, m_v, b_w, clip, DK_STEP: tl.constexpr,
-                DV_STEP: tl.constexpr, DF_STEP: tl.constexpr, CLIP: tl.constexpr, K_ATOMIC: tl.constexpr,
-                V_ATOMIC: tl.constexpr, F_ATOMIC: tl.constexpr, PRECISION: tl.constexpr, DW_PRECISION: tl.constexpr,
+def _walk_chunk(b_g, b_dw, t0, n_t, p_scr_c, src, p_dk, p_dv, p_df, p_dq, m_k, m_v, b_w, clip, SLOT: tl.constexpr,
+                DK_STEP: tl.constexpr, DV_STEP: tl.constexpr, DF_STEP: tl.constexpr, DQ_STEP: tl.constexpr,
+                CLIP: tl.constexpr, K_ATOMIC: tl.constexpr, V_ATOMIC: tl.constexpr, F_ATOMIC: tl.constexpr,
+                Q_ATOMIC: tl.constexpr, STORED: tl.constexpr, PRECISION: tl.constexpr, DW_PRECISION: tl.constexpr,
                 RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr):
-    """Steps t0+n_t−1 down to t0 backward, their H_{t-1} from the scratch p_scr_c: returns G and dW."""
-    STEP: tl.constexpr = b_g.shape[0] * b_g.shape[1]
-    nxt = _backward_inputs(src, t0 + n_t - 1), tl.load(p_scr_c + (n_t - 1) * STEP)
+    """Steps t0+n_t−1 down to t0 backward, H_{t-1} of step t from p_scr_c + (t − t0)·SLOT: returns G and dW.
+    STORED: from the forward's states, where H_t follows in the next slot (dq_t is added on the way)."""
+    V: tl.constexpr = b_g.shape[1]
+    nxt = _backward_inputs(src, t0 + n_t - 1), _load_state(p_scr_c + (n_t - 1) * SLOT, V)
+    if STORED:
+        nxt = nxt[0], nxt[1], _load_state(p_scr_c + n_t * SLOT, V)
     for j_r in range(n_t):
         b_g, b_dw, nxt = _reverse_step(b_g, b_dw, nxt, n_t - 1 - j_r, t0, src, b_w, p_scr_c, clip, p_dk, p_dv, p_df,
-                                       m_k, m_v, DK_STEP, DV_STEP, DF_STEP, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC,
-                                       PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+                                       p_dq, m_k, m_v, SLOT, DK_STEP, DV_STEP, DF_STEP, DQ_STEP, CLIP, K_ATOMIC,
+                                       V_ATOMIC, F_ATOMIC, Q_ATOMIC, STORED, PRECISION, DW_PRECISION,
+                                       RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
     return b_g, b_dw
 
 
@@ -433,7 +514,7 @@ def _m2rnn_bwd_kernel(
     HW: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr,
     C: tl.constexpr, HAS_DHT: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr,
     DW_PRECISION: tl.constexpr, RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, STORED: tl.constexpr, KP: tl.constexpr,
 ):
     """Reverse walk of spec §3 over the rows [i_k·BK, (i_k+1)·BK) of one (batch, head), chunk by chunk from the
     last: recompute the chunk's states from its checkpoint into a scratch, then walk them backward.
@@ -464,8 +545,8 @@ def _m2rnn_bwd_kernel(
     p_ckpt = CKPT + i_bh * NC * K * V + o_tile
     # this program's scratch: recomputed states H_{t-1}, each a (BK,V) block; C of them, or 2·C if INTERLEAVED
     STEP: tl.constexpr = BK * V
-    p_scr = (SCRATCH + (i_bh * NB + i_k) * (2 if INTERLEAVED else 1) * C * STEP
-             + tl.arange(0, BK)[:, None] * V + o_v[None, :])
+    o_private = _private_offsets(BK, V, 128 // SCRATCH.dtype.element_ty.primitive_bitwidth)
+    p_scr = SCRATCH + (i_bh * NB + i_k) * (2 if INTERLEAVED else 1) * C * STEP + o_private
 
     b_w = tl.load(W + (i_h // (H // HW)) * V * V + o_v[:, None] * V + o_v[None, :])  # (V,V)
     if HAS_DHT:
@@ -483,7 +564,14 @@ def _m2rnn_bwd_kernel(
     # what _backward_inputs reads a step's inputs from: pointers to step 0's q, k, v, f, dy; their strides over
     # steps (dy is contiguous: H·V); the mask of the rows
     src = (p_q, p_k, p_v, p_f, p_dy, stride_qs, stride_ks, stride_vs, stride_fs, H * V, m_k)
-    if INTERLEAVED:
+    if STORED:
+        # the forward stored every state (slot t: H_{t-1}; slot S: H_{S-1}): no recompute, one walk over all S steps
+        p_states = CKPT + (i_bh.to(tl.int64) * (S + 1) * KP + i_k * BK) * V + o_private  # (B,H,S+1,KP,V)
+        b_g, b_dw = _walk_chunk(b_g, b_dw, 0, S, p_states, src, p_dk, p_dv, p_df, p_dq,
+                                m_k, m_v, b_w, clip, KP * V, HK * K, HV * V, HF, HQ * K, CLIP, K_ATOMIC, V_ATOMIC,
+                                F_ATOMIC, Q_ATOMIC, True, PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH,
+                                NONLINEAR)
+    elif INTERLEAVED:
         # chunk NC − 1's states first, alone; then each iteration walks chunk i_c beside chunk i_c − 1's recompute
         _recompute_chunk(p_ckpt + (NC - 1) * K * V, m_kv, (NC - 1) * C, C, p_scr + ((NC - 1) % 2) * C * STEP, src,
                          p_dq, m_k, b_w, HQ * K, Q_ATOMIC, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
@@ -495,18 +583,18 @@ def _m2rnn_bwd_kernel(
             # the first inputs of each, as _recompute_chunk and _walk_chunk load them
             b_h = tl.load(p_ckpt + (i_c - 1) * K * V, mask=m_kv, other=0.0).to(tl.float32)
             r_nxt = _backward_inputs(src, t_r)
-            w_nxt = _backward_inputs(src, t0 + C - 1), tl.load(p_scr_walk + (C - 1) * STEP)
+            w_nxt = _backward_inputs(src, t0 + C - 1), _load_state(p_scr_walk + (C - 1) * STEP, V)
             for i in range(C):  # recompute step t_r + i, then reverse step t0 + C − 1 − i
                 b_h, r_nxt = _recompute_step(b_h, r_nxt, i, t_r, C, src, b_w, p_scr_r, p_dq, m_k, HQ * K, Q_ATOMIC,
                                              RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
                 b_g, b_dw, w_nxt = _reverse_step(b_g, b_dw, w_nxt, C - 1 - i, t0, src, b_w, p_scr_walk, clip, p_dk,
-                                                 p_dv, p_df, m_k, m_v, HK * K, HV * V, HF, CLIP, K_ATOMIC, V_ATOMIC,
-                                                 F_ATOMIC, PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH,
-                                                 NONLINEAR)
+                                                 p_dv, p_df, p_dq, m_k, m_v, STEP, HK * K, HV * V, HF, HQ * K, CLIP,
+                                                 K_ATOMIC, V_ATOMIC, F_ATOMIC, Q_ATOMIC, False, PRECISION, DW_PRECISION,
+                                                 RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
             tl.debug_barrier()  # the next iteration overwrites the half these threads just read
-        b_g, b_dw = _walk_chunk(b_g, b_dw, 0, C, p_scr, src, p_dk, p_dv, p_df, m_k, m_v, b_w, clip, HK * K, HV * V,
-                                HF, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, PRECISION, DW_PRECISION, RECOMPUTE_PRECISION,
-                                FAST_TANH, NONLINEAR)
+        b_g, b_dw = _walk_chunk(b_g, b_dw, 0, C, p_scr, src, p_dk, p_dv, p_df, p_dq, m_k, m_v, b_w, clip, STEP, HK * K,
+                                HV * V, HF, HQ * K, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, Q_ATOMIC, False, PRECISION,
+                                DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
     else:
         for i_r in range(NC):
             i_c = NC - 1 - i_r
@@ -515,9 +603,9 @@ def _m2rnn_bwd_kernel(
             _recompute_chunk(p_ckpt + i_c * K * V, m_kv, t0, n_t, p_scr, src, p_dq, m_k, b_w, HQ * K, Q_ATOMIC,
                              RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
             tl.debug_barrier()  # scratch written by some threads is read by others below
-            b_g, b_dw = _walk_chunk(b_g, b_dw, t0, n_t, p_scr, src, p_dk, p_dv, p_df, m_k, m_v, b_w, clip, HK * K,
-                                    HV * V, HF, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, PRECISION, DW_PRECISION,
-                                    RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+            b_g, b_dw = _walk_chunk(b_g, b_dw, t0, n_t, p_scr, src, p_dk, p_dv, p_df, p_dq, m_k, m_v, b_w, clip, STEP,
+                                    HK * K, HV * V, HF, HQ * K, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, Q_ATOMIC, False,
+                                    PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
             tl.debug_barrier()  # the next chunk overwrites the scratch these threads just read
     tl.store(DH0 + o_state, b_g, mask=m_kv)
     tl.store(DW + ((i_bh * NB + i_k) * V + o_v[:, None]) * V + o_v[None, :], b_dw)
@@ -536,12 +624,22 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _row_block(K):
+    """Rows per program before the launch rules halve them for small grids: 32, or 16 for K <= 16."""
+    return max(16, min(triton.next_power_of_2(K), 32))
+
+
+def _stored_rows(K):
+    """Rows of each state stored with store_states: K padded to whole row blocks of either size (32 or 16)."""
+    return triton.cdiv(K, _row_block(K)) * _row_block(K)
+
+
 def _launch_config(K, dtype):
     """Rows per program (BK), warps, tanh flavour, and the precisions of the matmuls on the
     recurrence's chain and of dW's sum. One warp of 32 rows was the best accurate choice of the
     sweep in notes_kernel.md. bf16 inputs take the approximations whose error their own rounding
     hides; fp32 inputs take exact arithmetic."""
-    BK = max(16, min(triton.next_power_of_2(K), 32))
+    BK = _row_block(K)
     if dtype == torch.float32:
         return dict(BK=BK, num_warps=1, FAST_TANH=0, PRECISION="ieee")
     if _interpreting():  # no inline PTX there, and its bf16 tl.dot is wrong
@@ -636,7 +734,7 @@ def _sm_count(x):
     return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 0
 
 
-def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear):
+def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear, store_states=False):
     B, S, _, K = q.shape
     V = v.shape[-1]
     H, heads = _heads(q, k, v, W, f)
@@ -649,13 +747,15 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear):
     uncapped = not tiled or _all_resident(B * H * NB, _PROGRAMS_PER_SM_UNCAPPED, sms)
     y = _output((B, S, H, V), q, atomic=NB > 1)
     h_last = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    ckpt = _empty(B, H, NC, K, V, device=q.device, dtype=_state_copy_dtype(q.dtype))
+    ckpt = _empty(B, H, *((S + 1, _stored_rows(K)) if store_states else (NC, K)), V, device=q.device,
+                  dtype=_state_copy_dtype(q.dtype))
     h0 = h0.float().contiguous() if h0 is not None else h_last  # dummy pointer when absent
     _m2rnn_fwd_kernel[(B * H, NB)](
         q, k, v, W.float().contiguous(), f, h0, y, h_last, ckpt,
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC,
         H=H, **heads, K=K, V=V, C=chunk, HAS_H0=h0 is not h_last, Y_ATOMIC=NB > 1, NONLINEAR=nonlinear,
-        TILE8=tiled, **config, maxnreg=None if uncapped else _MAX_REGISTERS,
+        TILE8=tiled, EVERY_STEP=store_states, KP=_stored_rows(K), **config,
+        maxnreg=None if uncapped else _MAX_REGISTERS,
     )
     return y.to(q.dtype), h_last, ckpt
 
@@ -680,11 +780,11 @@ def _backward_interleaved(B, H, NB, BK, S, chunk, sms, dtype):
     return S % chunk == 0 and _fits_at_once(B * H * NB, sms, capped_form_fits=BK == 16 and dtype != torch.float32)
 
 
-def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
+def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear, store_states=False):
     B, S, _, K = q.shape
     V = v.shape[-1]
     H, heads = _heads(q, k, v, W, f)
-    NC = ckpt.shape[2]
+    NC = triton.cdiv(S, chunk)
     config = _launch_config(K, q.dtype)
     sms = _sm_count(q)
     BK = config["BK"] = _backward_rows_per_program(B, H, K, config["BK"], sms)
@@ -695,9 +795,9 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     df = _output(f.shape, f, atomic=heads["HF"] < H or NB > 1)
     dw = _empty(B, H, NB, V, V, device=q.device, dtype=torch.float32)
     dh0 = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
-    interleaved = _backward_interleaved(B, H, NB, BK, S, chunk, sms, q.dtype)
+    interleaved = not store_states and _backward_interleaved(B, H, NB, BK, S, chunk, sms, q.dtype)
     uncapped = interleaved and _all_resident(B * H * NB, _PROGRAMS_PER_SM_UNCAPPED, sms)
-    scratch = _empty(B * H * NB, 2 if interleaved else 1, chunk, BK, V, device=q.device,
+    scratch = _empty(0 if store_states else B * H * NB, 2 if interleaved else 1, chunk, BK, V, device=q.device,
                      dtype=_state_copy_dtype(q.dtype))
     dht = dh_last.float().contiguous() if dh_last is not None else dh0  # dummy when absent
     _m2rnn_bwd_kernel[(B * H, NB)](
@@ -706,7 +806,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC, float(grad_clip or 0.0),
         H=H, **heads, K=K, V=V, NB=NB, C=chunk, HAS_DHT=dh_last is not None, CLIP=grad_clip is not None,
         DW_PRECISION=_dw_precision(config["PRECISION"]), RECOMPUTE_PRECISION=_recompute_precision(config["PRECISION"]),
-        NONLINEAR=nonlinear, INTERLEAVED=interleaved, **config,
+        NONLINEAR=nonlinear, INTERLEAVED=interleaved, STORED=store_states, KP=_stored_rows(K), **config,
         maxnreg=None if uncapped else _MAX_REGISTERS,
     )
     del scratch  # before the casts below allocate
@@ -722,40 +822,41 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
 
 @torch.library.custom_op("m2rnn::forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W: torch.Tensor, f: torch.Tensor,
-                h0: Optional[torch.Tensor], grad_clip: Optional[float], chunk: int, nonlinear: bool
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear)
+                h0: Optional[torch.Tensor], grad_clip: Optional[float], chunk: int, nonlinear: bool,
+                store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear, store_states)
 
 
 @_forward_op.register_fake
-def _(q, k, v, W, f, h0, grad_clip, chunk, nonlinear):
+def _(q, k, v, W, f, h0, grad_clip, chunk, nonlinear, store_states):
     B, S, _, K = q.shape
     V = v.shape[-1]
     H, _ = _heads(q, k, v, W, f)
-    NC = (S + chunk - 1) // chunk
+    saved = (S + 1, _stored_rows(K)) if store_states else ((S + chunk - 1) // chunk, K)
     return (q.new_empty(B, S, H, V), q.new_empty(B, H, K, V, dtype=torch.float32),
-            q.new_empty(B, H, NC, K, V, dtype=_state_copy_dtype(q.dtype)))
+            q.new_empty(B, H, *saved, V, dtype=_state_copy_dtype(q.dtype)))
 
 
 @torch.library.custom_op("m2rnn::backward", mutates_args=())
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W: torch.Tensor, f: torch.Tensor,
                  ckpt: torch.Tensor, dy: torch.Tensor, dh_last: Optional[torch.Tensor],
-                 grad_clip: Optional[float], chunk: int, nonlinear: bool
+                 grad_clip: Optional[float], chunk: int, nonlinear: bool, store_states: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear)
+    return _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear, store_states)
 
 
 @_backward_op.register_fake
-def _(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear):
-    B, H, _, K, V = ckpt.shape  # gradients come back contiguous, whatever the inputs' strides
+def _(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear, store_states):
+    B, H = ckpt.shape[:2]  # gradients come back contiguous, whatever the inputs' strides
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), W.new_empty(W.shape),
-            f.new_empty(f.shape), ckpt.new_empty(B, H, K, V))
+            f.new_empty(f.shape), q.new_empty(B, H, q.shape[-1], v.shape[-1], dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, W, f, h0, grad_clip, chunk, nonlinear = inputs
-    ctx.save_for_backward(q, k, v, W, f, output[2])  # checkpoints only: the backward recomputes states
+    q, k, v, W, f, h0, grad_clip, chunk, nonlinear, store_states = inputs
+    ctx.save_for_backward(q, k, v, W, f, output[2])  # checkpoints, or every state with store_states
     ctx.has_h0, ctx.grad_clip, ctx.chunk, ctx.nonlinear = h0 is not None, grad_clip, chunk, nonlinear
+    ctx.store_states = store_states
     ctx.y_shape = output[0].shape
     # outputs without a gradient (the checkpoints always; the last state, usually) reach the
     # backward as None, not as zeros the size of the checkpoints (+0.16 GiB at the 400M shape)
@@ -767,8 +868,8 @@ def _backward(ctx, dy, dh_last, _dckpt):
     if dy is None:  # only the last state was used
         dy = q.new_zeros(ctx.y_shape)
     dq, dk, dv, dW, df, dh0 = _backward_op(q, k, v, W, f, ckpt, dy, dh_last, ctx.grad_clip, ctx.chunk,
-                                           ctx.nonlinear)
-    return dq, dk, dv, dW, df, (dh0 if ctx.has_h0 else None), None, None, None
+                                           ctx.nonlinear, ctx.store_states)
+    return dq, dk, dv, dW, df, (dh0 if ctx.has_h0 else None), None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -778,7 +879,8 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # the public function
 
 
-def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHUNK, nonlinear=True):
+def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHUNK, nonlinear=True,
+          store_states=False):
     """M²RNN recurrence over a whole sequence, equations (1)-(3).
 
     q (B,S,Hq,K), k (B,S,Hk,K), v (B,S,Hv,V), W (Hw,V,V), f (B,S,Hf) in (0,1),
@@ -787,9 +889,13 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
     (spec §3). impl: "triton" (the chunked kernel), "torch" (the reference loop) or "auto"
     (Triton on CUDA tensors, the reference elsewhere, and everywhere without the triton package,
     as on macOS and Windows). nonlinear=False drops the tanh of (1):
-    with W = 0 that is the linear ablation, a gated linear-attention layer. With bf16 inputs the
-    kernel keeps its stored copies of the state in float16 (_state_copy_dtype): h0 must stay within
-    float16's range (|h0| < 65504; every later state is then bounded by max(|h0|, 1)).
+    with W = 0 that is the linear ablation, a gated linear-attention layer. store_states=True trades memory
+    for time: the forward keeps every state for the backward (B·(S+1)·H·K·V numbers, 1.5 GiB a layer at
+    config/hybrid.py's shape with bf16 inputs, instead of a checkpoint every `chunk` steps), which then walks
+    them without recomputing (forward+backward 5-12% faster there; notes_kernel.md, v19); the reference keeps
+    every state anyway and ignores it. With bf16 inputs the kernel keeps its stored copies of the state in
+    float16 (_state_copy_dtype): h0 must stay within float16's range (|h0| < 65504; every later state is then
+    bounded by max(|h0|, 1)).
     Outputs summed with float32 atomics from more than two terms take them in a run-dependent order, so
     they can differ in the last bits from run to run: y and, in the backward, dv and df whenever the rows
     are split over programs (K > 32, or K > 16 where the launch rules pick 16-row programs for a small
@@ -815,8 +921,11 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
                          f"V={V}: use impl='torch', the reference loop")
     if q.shape[1] == 0:  # nothing to launch: no steps, the state stays h0
         return m2rnn_reference(q, k, v, W, f, h0, grad_clip, nonlinear)
+    # states are stored for a backward only: not in inference (no_grad, or no input that needs a gradient)
+    store_states = store_states and torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, W, f, h0))
     y, h_last, _ = _forward_op(q, k, v, W, f, h0, None if grad_clip is None else float(grad_clip), int(chunk),
-                               bool(nonlinear))
+                               bool(nonlinear), bool(store_states))
     return y, h_last
 
 

@@ -62,6 +62,7 @@ class GPTConfig:
     m2rnn_grad_clip: Optional[float] = 1.0  # clamp of the gradient reaching each state (spec §3); None: off
     m2rnn_impl: str = "auto"  # 'auto' (Triton on CUDA, reference loop on CPU) | 'triton' | 'torch'
     m2rnn_linear: bool = False  # ablation: no tanh, W fixed at 0 (gated linear attention)
+    m2rnn_store_states: bool = False  # the kernel's forward keeps every state for its backward: faster, more memory
     gdn_heads: int = 2  # Hg, Gated DeltaNet ('G') heads
     gdn_k_dim: Optional[int] = None  # Kg; None: n_embd // (2·Hg), key width d/2 (the paper: 2 x 256 at d = 1024)
     gdn_v_dim: Optional[int] = None  # Vg; None: 2·Kg (fla's expand_v = 2)
@@ -252,6 +253,7 @@ class M2RNNBlock(nn.Module):
         self.H, self.K, self.V = H, K, V = c.m2rnn_heads, c.m2rnn_k_dim, c.m2rnn_v_dim
         self.Hq, self.Hk, self.ks = c.m2rnn_q_heads, c.m2rnn_k_heads, c.m2rnn_conv_size
         self.grad_clip, self.impl, self.linear = c.m2rnn_grad_clip, c.m2rnn_impl, c.m2rnn_linear
+        self.store_states = c.m2rnn_store_states
         self.sizes = [self.Hq * K, self.Hk * K, H * V, H, H * V]  # [q | k | v | f_raw | g]
         self.Ch = self.Hq * K + self.Hk * K + H * V  # channels of the conv: q, k, v
         self.in_proj = nn.Linear(c.n_embd, sum(self.sizes), bias=False)
@@ -286,7 +288,7 @@ class M2RNNBlock(nn.Module):
         q, k, v = q.view(B, S, self.Hq, K), k.view(B, S, self.Hk, K), v.view(B, S, H, V)  # (B,S,Hq,K) ...
         f = self.forget_gate(f_raw)  # (B,S,H) fp32
         y, h_last = m2rnn(q, k, v, self._transition(x), f, grad_clip=self.grad_clip, impl=self.impl,
-                          nonlinear=not self.linear)  # (B,S,H,V), (B,H,K,V)
+                          nonlinear=not self.linear, store_states=self.store_states)  # (B,S,H,V), (B,H,K,V)
         if cache is not None:
             cache["h"] = h_last.float()
         return self._output(y, v, g)

@@ -53,12 +53,12 @@ def make_inputs(B, S, K, V, heads, dtype, h0=True, device=DEVICE, seed=None, w_n
 OUTPUT_NAMES = ["y", "h_last", "dq", "dk", "dv", "dW", "df", "dh0"]  # what run_impl returns, in order
 
 
-def run_impl(inputs, impl, grad_clip, chunk, seed=0, nonlinear=True, dtype=None):
+def run_impl(inputs, impl, grad_clip, chunk, seed=0, nonlinear=True, dtype=None, store_states=False):
     """m2rnn(impl=...) on copies of the inputs (cast to dtype if given): [y, h_last, *the inputs' gradients], for
     output gradients drawn from seed, the same draws whatever the impl and dtype."""
     leaves = [x.detach().clone().to(dtype or x.dtype).requires_grad_() for x in inputs if x is not None]
     y, h = m2rnn(*leaves, *[None] * (6 - len(leaves)), grad_clip=grad_clip, impl=impl, chunk=chunk,
-                 nonlinear=nonlinear)
+                 nonlinear=nonlinear, store_states=store_states)
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(y.shape, generator=g).to(y.device)
     dh = torch.randn(h.shape, generator=g).to(h.device)
@@ -67,9 +67,9 @@ def run_impl(inputs, impl, grad_clip, chunk, seed=0, nonlinear=True, dtype=None)
     return [y, h, *grads]
 
 
-def run_both(inputs, grad_clip, chunk, seed=0, nonlinear=True):
+def run_both(inputs, grad_clip, chunk, seed=0, nonlinear=True, store_states=False):
     """Kernel and float64 reference on the same inputs and output gradients: (outputs, grads) each."""
-    return (run_impl(inputs, "triton", grad_clip, chunk, seed, nonlinear),
+    return (run_impl(inputs, "triton", grad_clip, chunk, seed, nonlinear, store_states=store_states),
             run_impl(inputs, "torch", grad_clip, chunk, seed, nonlinear, dtype=torch.float64))
 
 
@@ -277,6 +277,48 @@ def test_kernel_forward_in_tiles_of_8_steps(S, chunk, K, BK, dtype, poisoned, mo
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["shared-all-groups", "K24-ragged-rows", "K128-two-row-blocks-clip", "V32-S10-C3"])
+def test_kernel_store_states_matches_reference(case, dtype, poisoned):
+    """store_states=True: the forward stores every state (K padded to whole row blocks), the backward walks them
+    with no recompute and adds dq on the way. Poisoned, so a state the forward did not store fails."""
+    B, S, K, V, heads, h0, clip, chunk = CASES[case]
+    outs, refs = run_both(make_inputs(B, S, K, V, heads, dtype, h0=h0), clip, chunk, store_states=True)
+    assert_matches_reference(outs, refs, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_store_states_tiled_forward_16_row_programs(dtype, poisoned, monkeypatch):
+    """The stored states are laid out in blocks of 16 rows, so the backward may run other row blocks than the
+    forward: here a tiled forward of 16-row programs over a ragged S, and a backward of 32-row ones."""
+    monkeypatch.setattr(m2rnn_kernel, "_forward_tiled", lambda *args: True)
+    monkeypatch.setattr(m2rnn_kernel, "_forward_rows_per_program", lambda B, H, K, BK, *rest: 16)
+    outs, refs = run_both(make_inputs(2, 13, 64, 16, (1, 1, 2, 2, 2), dtype), 0.5, 8, store_states=True)
+    assert_matches_reference(outs, refs, dtype)
+
+
+@needs_triton
+def test_store_states_only_where_a_backward_follows(monkeypatch):
+    """store_states keeps every state for a backward: without one coming (no_grad, or no input needing a
+    gradient: inference) the forward keeps its checkpoints only."""
+    asked = []
+    launch = m2rnn_kernel._m2rnn_forward_launch
+
+    def spy(*args):
+        asked.append(args[-1])
+        return launch(*args)
+
+    monkeypatch.setattr(m2rnn_kernel, "_m2rnn_forward_launch", spy)
+    q, k, v, W, f, h0 = make_inputs(1, 3, 16, 16, (1, 1, 2, 2, 2), torch.float32)
+    with torch.no_grad():
+        m2rnn(q, k, v, W, f, h0, impl="triton", store_states=True)
+    m2rnn(q, k, v, W, f, h0, impl="triton", store_states=True)
+    m2rnn(q, k, v, W.requires_grad_(), f, h0, impl="triton", store_states=True)
+    assert asked == [False, False, True]
+
+
+@needs_triton
 def test_forward_tiled_rule():
     """8-step tiles only where C is a multiple of 8 and all programs fit on an H200's 132 SMs: at 8 per SM, or,
     with bf16 inputs, at 12 per SM."""
@@ -474,17 +516,19 @@ def test_bf16_split_rounds_to_nearest():
 
 
 @gpu
-def test_gpu_long_sequence_float64_reference():
+@pytest.mark.parametrize("store_states", [False, True], ids=["recompute", "stored"])
+def test_gpu_long_sequence_float64_reference(store_states):
     """S = 4096 at the paper's head shape (K=64, V=16, Hq=Hk=1, 84 heads), bf16 and fp32. Over 4,096 steps the
     recurrence amplifies rounding (W is not the identity) by a factor that depends on the inputs: PyTorch's own
     float32 loop was up to 8.6e-4 from float64 in 10 seeds, and in 28 seeds one (27) took the bf16 kernel's
     h_last to 2.1e-2 (most likely tanh.approx's 2^-11 error, amplified), where the others stayed within 1e-2
     (notes_kernel.md). Fresh inputs would fail a correct kernel now and then, so this test's inputs are fixed
     (seed 0); in fp32 each output must be within 1e-4 of float64 or within 4 times the float32 loop's own error
-    on the same inputs (seed 0 needs it: dW 2.2e-4, the loop 9.1e-5)."""
+    on the same inputs (seed 0 needs it: dW 2.2e-4, the loop 9.1e-5). Both backward forms: states recomputed from
+    checkpoints, and stored by the forward."""
     for dtype in (torch.float32, torch.bfloat16):
         inputs = make_inputs(1, 4096, 64, 16, (1, 1, 84, 84, 84), dtype, h0=True, w_noise=0.1, seed=0)
-        outs, refs = run_both(inputs, 1.0, 64)
+        outs, refs = run_both(inputs, 1.0, 64, store_states=store_states)
         if dtype == torch.bfloat16:
             assert_matches_reference(outs, refs, dtype)
             continue
@@ -495,15 +539,17 @@ def test_gpu_long_sequence_float64_reference():
 
 
 @gpu
+@pytest.mark.parametrize("store_states", [False, True], ids=["recompute", "stored"])
 @pytest.mark.parametrize("B,H", [(1, 84), (4, 84), (8, 84), (4, 132), (12, 84)],
                          ids=["B1", "B4", "B8", "B4-H132", "B12"])
-def test_gpu_launch_forms_float64_reference(B, H, poisoned, monkeypatch):
+def test_gpu_launch_forms_float64_reference(B, H, store_states, poisoned, monkeypatch):
     """The launch rules pick each kernel's form from the grid; on an H200 (132 SMs): the forward in 16-row tiled
     programs (B=1, B=4), 32-row tiled ones under the register cap (B=8: the 400M grid), 32-row tiled ones without
     it (B=4, H=132: the 7B grid), 32-row one-step ones (B=12: 2,016 programs, over 12 per SM); the backward in
     16-row interleaved programs (B=1), 16-row interleaved ones under the register cap (B=4), 32-row ones under
     the cap, not interleaved (B=8, B=12), 32-row interleaved ones without a cap (7B). The interpreter cannot tell
-    a register cap. Each against float64, bf16, S = 192 (three chunks)."""
+    a register cap. Each against float64, bf16, S = 192 (three chunks). With store_states the forward's forms are
+    the same and the backward is one walk (not interleaved), in the rows per program its own rule picks."""
     forward_forms, backward_forms = [], []
     tiled_rule, interleaved_rule = m2rnn_kernel._forward_tiled, m2rnn_kernel._backward_interleaved
 
@@ -518,14 +564,15 @@ def test_gpu_launch_forms_float64_reference(B, H, poisoned, monkeypatch):
     monkeypatch.setattr(m2rnn_kernel, "_forward_tiled", record_forward)
     monkeypatch.setattr(m2rnn_kernel, "_backward_interleaved", record_backward)
     inputs = make_inputs(B, 192, 64, 16, (1, 1, H, H, H), torch.bfloat16, w_noise=0.1)
-    outs, refs = run_both(inputs, 1.0, 64)
+    outs, refs = run_both(inputs, 1.0, 64, store_states=store_states)
     assert_matches_reference(outs, refs, torch.bfloat16)
     if torch.cuda.get_device_properties(0).multi_processor_count == 132:
         # the forward's rows rule asks _forward_tiled about 16-row programs first; the launch then asks again
         assert forward_forms[-1] == {(1, 84): (16, True), (4, 84): (16, True), (8, 84): (32, True),
                                      (4, 132): (32, True), (12, 84): (32, False)}[B, H]
-        assert backward_forms == [{(1, 84): (16, True), (4, 84): (16, True), (8, 84): (32, False),
-                                   (4, 132): (32, True), (12, 84): (32, False)}[B, H]]
+        interleaved = {(1, 84): (16, True), (4, 84): (16, True), (8, 84): (32, False), (4, 132): (32, True),
+                       (12, 84): (32, False)}[B, H]
+        assert backward_forms == ([] if store_states else [interleaved])  # stored: one walk, the rule not asked
 
 
 @gpu
@@ -592,7 +639,8 @@ def test_custom_ops_pass_opcheck():
     f = torch.rand(B, S, H, device=DEVICE) * 0.8 + 0.1
     h0 = torch.randn(B, H, K, V, device=DEVICE)
     leaves = [x.detach().requires_grad_() for x in (q, k, v, W, f, h0)]
-    torch.library.opcheck(torch.ops.m2rnn.forward.default, (*leaves, 0.5, 2, True))
-    y, h, ckpt = torch.ops.m2rnn.forward.default(*(x.detach() for x in leaves), 0.5, 2, True)
-    torch.library.opcheck(torch.ops.m2rnn.backward.default,
-                          (q, k, v, W, f, ckpt, torch.randn_like(y), torch.randn_like(h), 0.5, 2, True))
+    for store_states in (False, True):
+        torch.library.opcheck(torch.ops.m2rnn.forward.default, (*leaves, 0.5, 2, True, store_states))
+        y, h, ckpt = torch.ops.m2rnn.forward.default(*(x.detach() for x in leaves), 0.5, 2, True, store_states)
+        torch.library.opcheck(torch.ops.m2rnn.backward.default, (q, k, v, W, f, ckpt, torch.randn_like(y),
+                                                                 torch.randn_like(h), 0.5, 2, True, store_states))

@@ -70,6 +70,7 @@ m2rnn_conv_size = 4  # kernel of the causal depthwise conv on q, k, v
 m2rnn_grad_clip = 1.0  # clamp of the state gradient in the M²RNN backward (c in the spec's section 3); 0 = off
 m2rnn_impl = "auto"  # recurrence: 'auto' (Triton on CUDA, PyTorch on CPU), 'triton' or 'torch'
 m2rnn_linear = False  # ablation: True removes the tanh and fixes W = 0 (a linear RNN)
+m2rnn_store_states = False  # True: the kernel keeps every state for its backward (faster; B·S·H·K·V numbers/layer)
 gdn_heads = 2  # Hg: Gated DeltaNet ('G' layers) heads
 gdn_k_dim = 192  # Kg: key dim of each GDN head (n_embd / 4 here, as the paper's 256 at d = 1024)
 gdn_v_dim = 384  # Vg: value dim of each GDN head (2·Kg)
@@ -100,9 +101,10 @@ seed = 1337  # seeds model init, data sampling and dropout
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 MODEL_KEYS = ("block_size", "n_layer", "n_embd", "n_head", "layer_pattern", "pos_encoding", "m2rnn_heads",
               "m2rnn_k_dim", "m2rnn_v_dim", "m2rnn_q_heads", "m2rnn_k_heads", "m2rnn_conv_size", "m2rnn_grad_clip",
-              "m2rnn_impl", "m2rnn_linear", "gdn_heads", "gdn_k_dim", "gdn_v_dim", "gdn_conv_size", "gdn_impl",
-              "mlp_hidden", "rope_theta", "dropout")
-TRAINING_KEYS = ("dropout", "m2rnn_impl", "m2rnn_grad_clip", "gdn_impl")  # settings a resumed run may change
+              "m2rnn_impl", "m2rnn_linear", "m2rnn_store_states", "gdn_heads", "gdn_k_dim", "gdn_v_dim",
+              "gdn_conv_size", "gdn_impl", "mlp_hidden", "rope_theta", "dropout")
+# settings a resumed run may change (how to train, not what)
+TRAINING_KEYS = ("dropout", "m2rnn_impl", "m2rnn_grad_clip", "m2rnn_store_states", "gdn_impl")
 CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
            "backend": ("auto", "nccl", "gloo"), "compile": ("auto", True, False)}
 POSITIVE = (  # counts that must be at least 1
