@@ -58,15 +58,14 @@ def fwd_bwd(inputs, impl, grads=None, store_states=False):
     torch.autograd.backward((y, h), (dy, dh))
 
 
-def forward_backward_ms_and_gib(inputs, store_states):
+def forward_backward_ms_and_gib(inputs, shape, store_states):
     """Median forward+backward time, and the peak memory it allocates beyond the inputs and output gradients."""
     t_fb = do_bench(lambda: fwd_bwd(inputs, "triton", store_states=store_states), warmup=50, rep=500,
                     grad_to_none=inputs, return_mode="median")
     for x in inputs:
         x.grad = None
-    q, W = inputs[0], inputs[3]
-    B, S, H, K, V = *q.shape[:2], W.shape[0], q.shape[3], W.shape[1]
-    grads = (torch.randn(B, S, H, V, device="cuda", dtype=q.dtype), torch.randn(B, H, K, V, device="cuda"))
+    B, S, H, K, V = shape
+    grads = (torch.randn(B, S, H, V, device="cuda", dtype=inputs[0].dtype), torch.randn(B, H, K, V, device="cuda"))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()  # inputs and output gradients present; outputs and grads counted
@@ -80,8 +79,8 @@ def bench_shape(B, S, H, K, V):
     inputs = make_inputs(B, S, H, K, V)
     with torch.no_grad():
         t_fwd = do_bench(lambda: m2rnn(*inputs, impl="triton"), warmup=50, rep=300, return_mode="median")
-    t_fb, extra_gib = forward_backward_ms_and_gib(inputs, store_states=False)
-    t_fb_stored, stored_gib = forward_backward_ms_and_gib(inputs, store_states=True)
+    t_fb, extra_gib = forward_backward_ms_and_gib(inputs, (B, S, H, K, V), store_states=False)
+    t_fb_stored, stored_gib = forward_backward_ms_and_gib(inputs, (B, S, H, K, V), store_states=True)
     floor = tanh_floor_ms(B, S, H, K, V)
     return t_fwd, t_fb, extra_gib, floor / t_fwd, 2 * floor / t_fb, t_fb_stored, stored_gib
 

@@ -10,7 +10,7 @@ M²RNN (Mishra et al., arXiv 2603.14360) keeps, per head, a matrix state H_t (K�
 
 Glossary of dimension letters, used in every shape comment of this file:
     B batch, S sequence length, H heads, K key dim (rows of the state), V value dim
-    (columns of the state), C chunk length (steps between two stored states),
+    (columns of the state), C chunk length (steps between two checkpoints),
     BK rows of the state one Triton program owns, NB = ceil(K / BK) row blocks.
 
 One layout everywhere: q (B,S,Hq,K), k (B,S,Hk,K), v (B,S,Hv,V), W (Hw,V,V), f (B,S,Hf),
@@ -30,12 +30,12 @@ The kernel, in reading order:
     recomputes the chunk's states forward (storing H_{t-1} in a small per-program scratch of
     C steps), then walks the chunk backward with the equations of the spec §3, recomputing
     Z_t from H_{t-1} on the way. Memory is O(S/C + C) states instead of O(S): no buffer of
-    all S states ever exists. Checkpoints and scratch are float16 for bf16 inputs; the scratch
+    all S states exists (unless asked for, below). Checkpoints and scratch are float16 for bf16 inputs; the scratch
     holds each state in the order the tensor cores' registers hold it (_to_private), so it
     goes out and comes back without moving between threads. Where the grid is small, chunk c
     is walked while chunk c−1 is recomputed, a step of each in one loop.
     With store_states=True the forward stores every state in that order instead, and the
-    backward is the reverse walk alone: faster, at B·S·H·K·V stored numbers.
+    backward is the reverse walk alone: faster, at ~B·S·H·K·V stored numbers.
   * the `torch.library` custom ops and their autograd, so torch.compile traces through.
   * `m2rnn(...)`, the public function, and `m2rnn_reference(...)`, a literal loop.
 """
@@ -202,10 +202,10 @@ def _sum_rows_into(p_out, b_x, b_m, mask, ATOMIC: tl.constexpr):
 @triton.jit
 def _to_private(b):
     """(BK,V) -> (32, BK/16, V/2/VEC, VEC), ordered so that dimension 0 is the lane that holds the element in the
-    tensor cores' accumulator layout (lane 4g + c holds rows g, g+8 (+16, +24) and columns 2c, 2c+1 (+8) of each
-    16 × 8 tile) and the last is VEC elements (16 bytes) of one lane's: stored at _private_offsets, each lane's
-    values lie together, so a state goes to memory and back to the tensor cores' layout without moving between
-    lanes. Stored in plain (BK,V) order, the backward's scratch went through shared memory both ways.
+    tensor cores' accumulator layout (lane 4g + c holds rows g and g+8 of each 16-row block, and columns 2c and
+    2c+1 of each 8-column tile) and the last is VEC elements (16 bytes) of one lane's: stored at _private_offsets,
+    each lane's values lie together, so a state goes to memory and back to the tensor cores' layout without
+    moving between lanes. Stored in plain (BK,V) order, the backward's scratch went through shared memory both ways.
     For V = 16 only (the paper's, measured): other V keep the plain order (with V = 64 and bf16 inputs this
     order gave NaN on the GPU, not on the interpreter; not investigated)."""
     BK: tl.constexpr = b.shape[0]
@@ -233,7 +233,7 @@ def _from_private(x, V: tl.constexpr):
 @triton.jit
 def _private_offsets(BK: tl.constexpr, V: tl.constexpr, VEC: tl.constexpr):
     """Where _to_private's elements go in a (BK,V) block of memory: 16 rows' worth (V/2 values of each lane, lanes
-    in order) after another, so one access of the warp covers 512 contiguous bytes. Four dimensions, so that
+    in order) after another, so one float16 access of the warp covers 512 contiguous bytes. Four dimensions, so that
     Triton's coalescing gives each lane VEC contiguous values of its own: the layout _to_private leaves them in."""
     if V == 16:
         N: tl.constexpr = V // 2 // VEC
@@ -312,7 +312,7 @@ def _m2rnn_fwd_kernel(
     p_y = Y + (i_b * S * H + i_h) * V + o_v  # Y is (B,S,H,V) contiguous
     o_state = (i_bh * K + o_k[:, None]) * V + o_v[None, :]  # offsets in a (B,H,K,V) state
     p_ckpt = CKPT + i_bh * NC * K * V + o_k[:, None] * V + o_v[None, :]  # (B,H,NC,K,V)
-    STEP: tl.constexpr = KP * V  # if EVERY_STEP: from one stored state to the next
+    SLOT: tl.constexpr = KP * V  # if EVERY_STEP: from one stored state to the next
     o_private = _private_offsets(BK, V, 128 // CKPT.dtype.element_ty.primitive_bitwidth)
     p_states = CKPT + (i_bh.to(tl.int64) * (S + 1) * KP + i_k * BK) * V + o_private  # (B,H,S+1,KP,V)
 
@@ -338,7 +338,7 @@ def _m2rnn_fwd_kernel(
             for j in range(tl.minimum(C, S - i_c * C)):
                 t = i_c * C + j
                 if EVERY_STEP:
-                    tl.store(p_states + t * STEP, _to_private(b_h.to(CKPT.dtype.element_ty)))  # H_{t-1}
+                    tl.store(p_states + t * SLOT, _to_private(b_h.to(CKPT.dtype.element_ty)))  # H_{t-1}
                 b_q, b_k, b_v, b_f = n_q, n_k, n_v, n_f
                 n_q, n_k, n_v, n_f = nn_q, nn_k, nn_v, nn_f
                 nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 2, S - 1), stride_qs,
@@ -373,7 +373,7 @@ def _m2rnn_fwd_kernel(
                     else:
                         m_y_prev = o_v < (t + s <= S) * V
                     if EVERY_STEP:  # none past S
-                        tl.store(p_states + (t + s) * STEP, _to_private(b_h.to(CKPT.dtype.element_ty)),
+                        tl.store(p_states + (t + s) * SLOT, _to_private(b_h.to(CKPT.dtype.element_ty)),
                                  mask=o_private < (t + s < S) * BK * V)
                     b_h = _forward_step(b_h, b_q_prev, b_w, ks[s], vs[s], fs[s][None, :], p_y_prev + s * H * V,
                                         m_y_prev, PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
@@ -386,7 +386,7 @@ def _m2rnn_fwd_kernel(
     _store_or_add(p_y + (S - 1) * H * V, b_y, m_y_last, Y_ATOMIC)
     tl.store(HT + o_state, b_h, mask=m_kv)
     if EVERY_STEP:
-        tl.store(p_states + S * STEP, _to_private(b_h.to(CKPT.dtype.element_ty)))  # H_{S-1}, for dq_{S-1}
+        tl.store(p_states + S * SLOT, _to_private(b_h.to(CKPT.dtype.element_ty)))  # H_{S-1}, for dq_{S-1}
 
 
 @triton.jit
@@ -545,7 +545,7 @@ def _m2rnn_bwd_kernel(
     p_ckpt = CKPT + i_bh * NC * K * V + o_tile
     # this program's scratch: recomputed states H_{t-1}, each a (BK,V) block; C of them, or 2·C if INTERLEAVED
     STEP: tl.constexpr = BK * V
-    o_private = _private_offsets(BK, V, 128 // SCRATCH.dtype.element_ty.primitive_bitwidth)
+    o_private = _private_offsets(BK, V, 128 // CKPT.dtype.element_ty.primitive_bitwidth)  # the scratch's dtype too
     p_scr = SCRATCH + (i_bh * NB + i_k) * (2 if INTERLEAVED else 1) * C * STEP + o_private
 
     b_w = tl.load(W + (i_h // (H // HW)) * V * V + o_v[:, None] * V + o_v[None, :])  # (V,V)
@@ -569,8 +569,8 @@ def _m2rnn_bwd_kernel(
         p_states = CKPT + (i_bh.to(tl.int64) * (S + 1) * KP + i_k * BK) * V + o_private  # (B,H,S+1,KP,V)
         b_g, b_dw = _walk_chunk(b_g, b_dw, 0, S, p_states, src, p_dk, p_dv, p_df, p_dq,
                                 m_k, m_v, b_w, clip, KP * V, HK * K, HV * V, HF, HQ * K, CLIP, K_ATOMIC, V_ATOMIC,
-                                F_ATOMIC, Q_ATOMIC, True, PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH,
-                                NONLINEAR)
+                                F_ATOMIC, Q_ATOMIC, STORED=True, PRECISION=PRECISION, DW_PRECISION=DW_PRECISION,
+                                RECOMPUTE_PRECISION=RECOMPUTE_PRECISION, FAST_TANH=FAST_TANH, NONLINEAR=NONLINEAR)
     elif INTERLEAVED:
         # chunk NC − 1's states first, alone; then each iteration walks chunk i_c beside chunk i_c − 1's recompute
         _recompute_chunk(p_ckpt + (NC - 1) * K * V, m_kv, (NC - 1) * C, C, p_scr + ((NC - 1) % 2) * C * STEP, src,
@@ -589,12 +589,15 @@ def _m2rnn_bwd_kernel(
                                              RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
                 b_g, b_dw, w_nxt = _reverse_step(b_g, b_dw, w_nxt, C - 1 - i, t0, src, b_w, p_scr_walk, clip, p_dk,
                                                  p_dv, p_df, p_dq, m_k, m_v, STEP, HK * K, HV * V, HF, HQ * K, CLIP,
-                                                 K_ATOMIC, V_ATOMIC, F_ATOMIC, Q_ATOMIC, False, PRECISION, DW_PRECISION,
-                                                 RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+                                                 K_ATOMIC, V_ATOMIC, F_ATOMIC, Q_ATOMIC, STORED=False,
+                                                 PRECISION=PRECISION, DW_PRECISION=DW_PRECISION,
+                                                 RECOMPUTE_PRECISION=RECOMPUTE_PRECISION, FAST_TANH=FAST_TANH,
+                                                 NONLINEAR=NONLINEAR)
             tl.debug_barrier()  # the next iteration overwrites the half these threads just read
         b_g, b_dw = _walk_chunk(b_g, b_dw, 0, C, p_scr, src, p_dk, p_dv, p_df, p_dq, m_k, m_v, b_w, clip, STEP, HK * K,
-                                HV * V, HF, HQ * K, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, Q_ATOMIC, False, PRECISION,
-                                DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+                                HV * V, HF, HQ * K, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, Q_ATOMIC, STORED=False,
+                                PRECISION=PRECISION, DW_PRECISION=DW_PRECISION, RECOMPUTE_PRECISION=RECOMPUTE_PRECISION,
+                                FAST_TANH=FAST_TANH, NONLINEAR=NONLINEAR)
     else:
         for i_r in range(NC):
             i_c = NC - 1 - i_r
@@ -604,8 +607,9 @@ def _m2rnn_bwd_kernel(
                              RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
             tl.debug_barrier()  # scratch written by some threads is read by others below
             b_g, b_dw = _walk_chunk(b_g, b_dw, t0, n_t, p_scr, src, p_dk, p_dv, p_df, p_dq, m_k, m_v, b_w, clip, STEP,
-                                    HK * K, HV * V, HF, HQ * K, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, Q_ATOMIC, False,
-                                    PRECISION, DW_PRECISION, RECOMPUTE_PRECISION, FAST_TANH, NONLINEAR)
+                                    HK * K, HV * V, HF, HQ * K, CLIP, K_ATOMIC, V_ATOMIC, F_ATOMIC, Q_ATOMIC,
+                                    STORED=False, PRECISION=PRECISION, DW_PRECISION=DW_PRECISION,
+                                    RECOMPUTE_PRECISION=RECOMPUTE_PRECISION, FAST_TANH=FAST_TANH, NONLINEAR=NONLINEAR)
             tl.debug_barrier()  # the next chunk overwrites the scratch these threads just read
     tl.store(DH0 + o_state, b_g, mask=m_kv)
     tl.store(DW + ((i_bh * NB + i_k) * V + o_v[:, None]) * V + o_v[None, :], b_dw)
@@ -660,9 +664,9 @@ def _recompute_precision(precision):
 
 
 def _state_copy_dtype(dtype):
-    """The stored copies of the state: the forward's checkpoints and the backward's scratch of
-    recomputed H_{t-1}. With bf16 inputs they are float16, which halves their memory and traffic
-    (the scratch's traffic dominates the backward, notes_kernel.md): H_t, a running convex mix of
+    """The stored copies of the state: the forward's checkpoints (or every state, with store_states) and
+    the backward's scratch of recomputed H_{t-1}. With bf16 inputs they are float16, which halves their memory
+    and traffic (the scratch's traffic dominates the backward, notes_kernel.md): H_t, a running convex mix of
     Z's (|Z| < 1) and h0, stays within max(|h0|, 1), where float16 has 11 significant bits to bf16's
     8; measured at S=4096, the gradients' error against float64 did not move. fp32 inputs
     keep float32."""
@@ -749,6 +753,10 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear, store_states=Fals
     h_last = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
     ckpt = _empty(B, H, *((S + 1, _stored_rows(K)) if store_states else (NC, K)), V, device=q.device,
                   dtype=_state_copy_dtype(q.dtype))
+    if store_states and NB * BK < ckpt.shape[3]:
+        # whole 16-row blocks no program of this forward covers (16-row programs, K mod 32 in 1..16), which a
+        # backward of 32-row programs reads: zeros, as the padding rows the programs cover hold
+        ckpt[:, :, :, NB * BK:].zero_()
     h0 = h0.float().contiguous() if h0 is not None else h_last  # dummy pointer when absent
     _m2rnn_fwd_kernel[(B * H, NB)](
         q, k, v, W.float().contiguous(), f, h0, y, h_last, ckpt,
@@ -785,6 +793,10 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     V = v.shape[-1]
     H, heads = _heads(q, k, v, W, f)
     NC = triton.cdiv(S, chunk)
+    saved = (B, H, S + 1, _stored_rows(K), V) if store_states else (B, H, NC, K, V)
+    if tuple(ckpt.shape) != saved:
+        raise ValueError(f"m2rnn backward: the forward's saved states are {tuple(ckpt.shape)}, expected {saved} "
+                         f"for store_states={store_states}, chunk={chunk}")
     config = _launch_config(K, q.dtype)
     sms = _sm_count(q)
     BK = config["BK"] = _backward_rows_per_program(B, H, K, config["BK"], sms)
@@ -890,12 +902,12 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
     (Triton on CUDA tensors, the reference elsewhere, and everywhere without the triton package,
     as on macOS and Windows). nonlinear=False drops the tanh of (1):
     with W = 0 that is the linear ablation, a gated linear-attention layer. store_states=True trades memory
-    for time: the forward keeps every state for the backward (B·(S+1)·H·K·V numbers, 1.5 GiB a layer at
-    config/hybrid.py's shape with bf16 inputs, instead of a checkpoint every `chunk` steps), which then walks
-    them without recomputing (forward+backward 5-12% faster there; notes_kernel.md, v19); the reference keeps
-    every state anyway and ignores it. With bf16 inputs the kernel keeps its stored copies of the state in
-    float16 (_state_copy_dtype): h0 must stay within float16's range (|h0| < 65504; every later state is then
-    bounded by max(|h0|, 1)).
+    for time: the forward keeps every state for the backward (B·(S+1)·H·KP·V numbers, KP = K padded to whole
+    row blocks; 1.5 GiB a layer at config/hybrid.py's shape with bf16 inputs, instead of a checkpoint every
+    `chunk` steps), which then walks them without recomputing (forward+backward 5-16% faster over
+    bench_kernel.py's shapes; notes_kernel.md, v19); the reference keeps every state anyway and ignores it.
+    With bf16 inputs the kernel keeps its stored copies of the state in float16 (_state_copy_dtype): h0 must
+    stay within float16's range (|h0| < 65504; every later state is then bounded by max(|h0|, 1)).
     Outputs summed with float32 atomics from more than two terms take them in a run-dependent order, so
     they can differ in the last bits from run to run: y and, in the backward, dv and df whenever the rows
     are split over programs (K > 32, or K > 16 where the launch rules pick 16-row programs for a small

@@ -289,12 +289,17 @@ def test_kernel_store_states_matches_reference(case, dtype, poisoned):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_store_states_tiled_forward_16_row_programs(dtype, poisoned, monkeypatch):
-    """The stored states are laid out in blocks of 16 rows, so the backward may run other row blocks than the
-    forward: here a tiled forward of 16-row programs over a ragged S, and a backward of 32-row ones."""
+@pytest.mark.parametrize("K,forward_rows,backward_rows", [(64, 16, 32), (48, 16, 32), (48, 32, 16)],
+                         ids=["K64-16-then-32", "K48-16-then-32", "K48-32-then-16"])
+def test_kernel_store_states_other_rows_per_program(K, forward_rows, backward_rows, dtype, poisoned, monkeypatch):
+    """The stored states are laid out in blocks of 16 rows (each state's K padded to whole 32-row blocks), so the
+    backward may run other rows per program than the forward (the launch rules pick each's): a tiled forward over
+    a ragged S, then the backward. At K=48 with 16-row forward programs, rows 48-63 are no program's: the forward
+    zeroes them (poisoned here), and a backward of 32-row programs reads them."""
     monkeypatch.setattr(m2rnn_kernel, "_forward_tiled", lambda *args: True)
-    monkeypatch.setattr(m2rnn_kernel, "_forward_rows_per_program", lambda B, H, K, BK, *rest: 16)
-    outs, refs = run_both(make_inputs(2, 13, 64, 16, (1, 1, 2, 2, 2), dtype), 0.5, 8, store_states=True)
+    monkeypatch.setattr(m2rnn_kernel, "_forward_rows_per_program", lambda B, H, K, BK, *rest: forward_rows)
+    monkeypatch.setattr(m2rnn_kernel, "_backward_rows_per_program", lambda B, H, K, BK, sms: backward_rows)
+    outs, refs = run_both(make_inputs(2, 13, K, 16, (1, 1, 2, 2, 2), dtype), 0.5, 8, store_states=True)
     assert_matches_reference(outs, refs, dtype)
 
 

@@ -70,7 +70,7 @@ m2rnn_conv_size = 4  # kernel of the causal depthwise conv on q, k, v
 m2rnn_grad_clip = 1.0  # clamp of the state gradient in the M²RNN backward (c in the spec's section 3); 0 = off
 m2rnn_impl = "auto"  # recurrence: 'auto' (Triton on CUDA, PyTorch on CPU), 'triton' or 'torch'
 m2rnn_linear = False  # ablation: True removes the tanh and fixes W = 0 (a linear RNN)
-m2rnn_store_states = False  # True: the kernel keeps every state for its backward (faster; B·S·H·K·V numbers/layer)
+m2rnn_store_states = False  # True: the kernel keeps every state for its backward (faster; ~B·S·H·K·V numbers/layer)
 gdn_heads = 2  # Hg: Gated DeltaNet ('G' layers) heads
 gdn_k_dim = 192  # Kg: key dim of each GDN head (n_embd / 4 here, as the paper's 256 at d = 1024)
 gdn_v_dim = 384  # Vg: value dim of each GDN head (2·Kg)
