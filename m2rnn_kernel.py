@@ -231,10 +231,12 @@ def _from_private(x, V: tl.constexpr):
 
 
 @triton.jit
-def _private_offsets(BK: tl.constexpr, V: tl.constexpr, VEC: tl.constexpr):
-    """Where _to_private's elements go in a (BK,V) block of memory: 16 rows' worth (V/2 values of each lane, lanes
-    in order) after another, so one float16 access of the warp covers 512 contiguous bytes. Four dimensions, so that
-    Triton's coalescing gives each lane VEC contiguous values of its own: the layout _to_private leaves them in."""
+def _private_offsets(p, BK: tl.constexpr, V: tl.constexpr):
+    """Where _to_private's elements go in a (BK,V) block of memory at p: 16 rows' worth (V/2 values of each lane,
+    lanes in order) after another, so one float16 access of the warp covers 512 contiguous bytes. Four dimensions,
+    so that Triton's coalescing gives each lane VEC contiguous values of its own: the layout _to_private leaves
+    them in."""
+    VEC: tl.constexpr = 128 // p.dtype.element_ty.primitive_bitwidth
     if V == 16:
         N: tl.constexpr = V // 2 // VEC
         o = tl.arange(0, 32)[:, None, None, None] * (V // 2) + tl.arange(0, BK // 16)[None, :, None, None] * (16 * V)
@@ -242,6 +244,13 @@ def _private_offsets(BK: tl.constexpr, V: tl.constexpr, VEC: tl.constexpr):
     else:
         o = tl.arange(0, BK)[:, None] * V + tl.arange(0, V)[None, :]
     return o
+
+
+@triton.jit
+def _stored_states(CKPT, i_bh, i_k, S, o_private, KP: tl.constexpr, BK: tl.constexpr, V: tl.constexpr):
+    """A program's first block in the states store_states keeps, (B,H,S+1,KP,V): slot t holds H_{t-1}, slot S
+    H_{S-1}; the next slot is KP·V further. The forward writes it and the backward reads it."""
+    return CKPT + (i_bh.to(tl.int64) * (S + 1) * KP + i_k * BK) * V + o_private
 
 
 @triton.jit
@@ -313,8 +322,8 @@ def _m2rnn_fwd_kernel(
     o_state = (i_bh * K + o_k[:, None]) * V + o_v[None, :]  # offsets in a (B,H,K,V) state
     p_ckpt = CKPT + i_bh * NC * K * V + o_k[:, None] * V + o_v[None, :]  # (B,H,NC,K,V)
     SLOT: tl.constexpr = KP * V  # if EVERY_STEP: from one stored state to the next
-    o_private = _private_offsets(BK, V, 128 // CKPT.dtype.element_ty.primitive_bitwidth)
-    p_states = CKPT + (i_bh.to(tl.int64) * (S + 1) * KP + i_k * BK) * V + o_private  # (B,H,S+1,KP,V)
+    o_private = _private_offsets(CKPT, BK, V)
+    p_states = _stored_states(CKPT, i_bh, i_k, S, o_private, KP, BK, V)
 
     b_w = tl.load(W + (i_h // (H // HW)) * V * V + o_v[:, None] * V + o_v[None, :])  # (V,V) fp32
     if HAS_H0:
@@ -545,7 +554,7 @@ def _m2rnn_bwd_kernel(
     p_ckpt = CKPT + i_bh * NC * K * V + o_tile
     # this program's scratch: recomputed states H_{t-1}, each a (BK,V) block; C of them, or 2·C if INTERLEAVED
     STEP: tl.constexpr = BK * V
-    o_private = _private_offsets(BK, V, 128 // CKPT.dtype.element_ty.primitive_bitwidth)  # the scratch's dtype too
+    o_private = _private_offsets(CKPT, BK, V)  # the scratch has CKPT's dtype
     p_scr = SCRATCH + (i_bh * NB + i_k) * (2 if INTERLEAVED else 1) * C * STEP + o_private
 
     b_w = tl.load(W + (i_h // (H // HW)) * V * V + o_v[:, None] * V + o_v[None, :])  # (V,V)
@@ -566,7 +575,7 @@ def _m2rnn_bwd_kernel(
     src = (p_q, p_k, p_v, p_f, p_dy, stride_qs, stride_ks, stride_vs, stride_fs, H * V, m_k)
     if STORED:
         # the forward stored every state (slot t: H_{t-1}; slot S: H_{S-1}): no recompute, one walk over all S steps
-        p_states = CKPT + (i_bh.to(tl.int64) * (S + 1) * KP + i_k * BK) * V + o_private  # (B,H,S+1,KP,V)
+        p_states = _stored_states(CKPT, i_bh, i_k, S, o_private, KP, BK, V)
         b_g, b_dw = _walk_chunk(b_g, b_dw, 0, S, p_states, src, p_dk, p_dv, p_df, p_dq,
                                 m_k, m_v, b_w, clip, KP * V, HK * K, HV * V, HF, HQ * K, CLIP, K_ATOMIC, V_ATOMIC,
                                 F_ATOMIC, Q_ATOMIC, STORED=True, PRECISION=PRECISION, DW_PRECISION=DW_PRECISION,
