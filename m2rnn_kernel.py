@@ -254,6 +254,14 @@ def _stored_states(CKPT, i_bh, i_k, S, o_private, KP: tl.constexpr, BK: tl.const
 
 
 @triton.jit
+def _store_state(p, b_h, mask=None):
+    """One state kept for the backward (store_states), at p from _stored_states, in p's dtype. Marked to leave L2
+    first: it is read once, by the backward, long after, and ~2 TB/s of these writes otherwise push the forward's
+    prefetched inputs out (stored forward 2-4% faster at the hybrid's and 400M shapes; notes_kernel.md, v20)."""
+    tl.store(p, _to_private(b_h.to(p.dtype.element_ty)), mask=mask, eviction_policy="evict_first")
+
+
+@triton.jit
 def _forward_step(b_h, b_q_prev, b_w, b_k, b_v, b_f, p_y_prev, m_y_prev, PRECISION: tl.constexpr,
                   FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr, Y_ATOMIC: tl.constexpr):
     """Step t: returns H_t. Also the read-out of the step before, y_{t-1} = H_{t-1}ᵀ q_{t-1} (3), whose
@@ -347,7 +355,7 @@ def _m2rnn_fwd_kernel(
             for j in range(tl.minimum(C, S - i_c * C)):
                 t = i_c * C + j
                 if EVERY_STEP:
-                    tl.store(p_states + t * SLOT, _to_private(b_h.to(CKPT.dtype.element_ty)))  # H_{t-1}
+                    _store_state(p_states + t * SLOT, b_h)  # H_{t-1}
                 b_q, b_k, b_v, b_f = n_q, n_k, n_v, n_f
                 n_q, n_k, n_v, n_f = nn_q, nn_k, nn_v, nn_f
                 nn_q, nn_k, nn_v, nn_f = _load_step(p_q, p_k, p_v, p_f, tl.minimum(t + 2, S - 1), stride_qs,
@@ -382,8 +390,7 @@ def _m2rnn_fwd_kernel(
                     else:
                         m_y_prev = o_v < (t + s <= S) * V
                     if EVERY_STEP:  # none past S
-                        tl.store(p_states + (t + s) * SLOT, _to_private(b_h.to(CKPT.dtype.element_ty)),
-                                 mask=o_private < (t + s < S) * BK * V)
+                        _store_state(p_states + (t + s) * SLOT, b_h, o_private < (t + s < S) * BK * V)
                     b_h = _forward_step(b_h, b_q_prev, b_w, ks[s], vs[s], fs[s][None, :], p_y_prev + s * H * V,
                                         m_y_prev, PRECISION, FAST_TANH, NONLINEAR, Y_ATOMIC)
                     b_q_prev = qs[s]
@@ -395,7 +402,7 @@ def _m2rnn_fwd_kernel(
     _store_or_add(p_y + (S - 1) * H * V, b_y, m_y_last, Y_ATOMIC)
     tl.store(HT + o_state, b_h, mask=m_kv)
     if EVERY_STEP:
-        tl.store(p_states + S * SLOT, _to_private(b_h.to(CKPT.dtype.element_ty)))  # H_{S-1}, for dq_{S-1}
+        _store_state(p_states + S * SLOT, b_h)  # H_{S-1}, for dq_{S-1}
 
 
 @triton.jit
