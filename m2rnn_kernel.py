@@ -207,7 +207,7 @@ def _to_private(b):
     each lane's values lie together, so a state goes to memory and back to the tensor cores' layout without
     moving between lanes. Stored in plain (BK,V) order, the backward's scratch went through shared memory both ways.
     For V = 16 only (the paper's, measured): other V keep the plain order (with V = 64 and bf16 inputs this
-    order gave NaN on the GPU, not on the interpreter; not investigated)."""
+    order gave NaN on the GPU, not on the interpreter; narrowed down, not understood: notes_kernel.md, v20)."""
     BK: tl.constexpr = b.shape[0]
     V: tl.constexpr = b.shape[1]
     VEC: tl.constexpr = 128 // b.dtype.primitive_bitwidth
