@@ -1031,3 +1031,181 @@ def m2rnn_step(q, k, v, W, f, h, nonlinear=True):
     h (B,H,K,V) float32. Returns y (B,H,V) in q's dtype and the new state."""
     y, h = m2rnn_reference(q[:, None], k[:, None], v[:, None], W, f[:, None], h, nonlinear=nonlinear)
     return y[:, 0], h
+
+
+# -----------------------------------------------------------------------------
+# The causal conv + SiLU in front of the recurrence (spec §2), per channel of x (B,S,Ch), with ks = 4 taps
+# (shorter convs are padded with zero taps at the oldest end):
+#
+#     z_t = w_0 x_{t-3} + w_1 x_{t-2} + w_2 x_{t-1} + w_3 x_t   (zeros before t = 0)      out_t = silu(z_t)
+#     dz_t = dout_t · silu'(z_t),   silu'(z) = σ(z)·(1 + z·(1 − σ(z)))
+#     dx_t = w_3 dz_t + w_2 dz_{t+1} + w_1 dz_{t+2} + w_0 dz_{t+3}   (zeros past the end)
+#     dw_j = Σ_{b,t} x_{t-3+j} · dz_t
+#
+# Memory-bound: each kernel passes over (B,S,Ch) once. A forward program computes a tile of BT steps x BC channels
+# from four shifted tiles of x (three of them overlap, and come from the cache). A backward program owns BC channels
+# (one a thread) and walks its BT steps one at a time, from the last to the first, with the last inputs and dz's in
+# registers, so that z and dz are computed once a step; the walk is unrolled, so all of its loads can be in flight
+# at once. torch.compile's own backward of the shifted-sum form wrote the float32 pre-activation and read it back at
+# every tap. Measured at config/hybrid.py's shape (notes_throughput.md): forward 78 -> 25 us, backward ~200 -> 57 us.
+
+CONV_TAPS = 4  # ks the kernels take: the paper's (config m2rnn_conv_size)
+CONV_TILE = dict(BT=32, BC=128, num_warps=4)  # steps and channels of one program
+
+
+@triton.jit
+def _conv_load(p, t, stride_s, S, m_c):
+    """x or dout at step(s) t of the program's channels (p and the channel mask m_c broadcast against t), as
+    float32; zeros outside 0 <= t < S."""
+    t_c = t + tl.zeros_like(m_c.to(tl.int32))  # a vector even for one step: a scalar mask fails in the interpreter
+    mask = m_c & (t_c >= 0) & (t_c < S)
+    return tl.load(p + t * stride_s, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_store(p, t, stride_s, S, m_c, value):
+    t_c = t + tl.zeros_like(m_c.to(tl.int32))
+    tl.store(p + t * stride_s, value, mask=m_c & (t_c < S))
+
+
+@triton.jit
+def _conv_fwd_kernel(X, W, OUT, stride_xb, stride_xs, stride_xc, S, CH, BT: tl.constexpr, BC: tl.constexpr):
+    """A tile of BT steps x BC channels: z from the four shifted tiles of x that its taps read (three of them
+    overlap the next one, and come from the cache)."""
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = (i_t * BT + tl.arange(0, BT))[:, None]
+    c = i_c * BC + tl.arange(0, BC)
+    m_c = (c < CH)[None, :]
+    p_x = (X + i_b.to(tl.int64) * stride_xb + c * stride_xc)[None, :]
+    z = tl.zeros((BT, BC), dtype=tl.float32)
+    for j in tl.static_range(4):
+        w_j = tl.load(W + c * 4 + j, mask=c < CH, other=0.0)[None, :]
+        z += w_j * _conv_load(p_x, t - 3 + j, stride_xs, S, m_c)
+    _conv_store((OUT + i_b.to(tl.int64) * S * CH + c)[None, :], t, CH, S, m_c, z * tl.sigmoid(z))
+
+
+@triton.jit
+def _conv_bwd_kernel(X, W, DOUT, DX, DW, stride_xb, stride_xs, stride_xc, stride_db, stride_ds, stride_dc, S, CH,
+                     BT: tl.constexpr, BC: tl.constexpr):
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = i_c * BC + tl.arange(0, BC)
+    m_c = c < CH
+    p_x = X + i_b.to(tl.int64) * stride_xb + c * stride_xc
+    p_dout = DOUT + i_b.to(tl.int64) * stride_db + c * stride_dc
+    p_dx = DX + i_b.to(tl.int64) * S * CH + c
+    w0, w1 = tl.load(W + c * 4, mask=m_c, other=0.0), tl.load(W + c * 4 + 1, mask=m_c, other=0.0)
+    w2, w3 = tl.load(W + c * 4 + 2, mask=m_c, other=0.0), tl.load(W + c * 4 + 3, mask=m_c, other=0.0)
+    # walk t = t0+BT+2 down to t0: the first 3 steps are the next block's, whose dz this block's dx needs
+    t0 = i_t * BT
+    x_0 = _conv_load(p_x, t0 + BT + 2, stride_xs, S, m_c)  # x_t, x_{t-1}, x_{t-2} for the first t
+    x_1 = _conv_load(p_x, t0 + BT + 1, stride_xs, S, m_c)
+    x_2 = _conv_load(p_x, t0 + BT, stride_xs, S, m_c)
+    dz1 = tl.zeros((BC,), dtype=tl.float32)  # dz_{t+1}, dz_{t+2}, dz_{t+3}
+    dz2 = tl.zeros((BC,), dtype=tl.float32)
+    dz3 = tl.zeros((BC,), dtype=tl.float32)
+    dw0 = tl.zeros((BC,), dtype=tl.float32)
+    dw1 = tl.zeros((BC,), dtype=tl.float32)
+    dw2 = tl.zeros((BC,), dtype=tl.float32)
+    dw3 = tl.zeros((BC,), dtype=tl.float32)
+    for i in tl.static_range(BT + 3):
+        t = t0 + BT + 2 - i
+        x_3 = _conv_load(p_x, t - 3, stride_xs, S, m_c)
+        z = w0 * x_3 + w1 * x_2 + w2 * x_1 + w3 * x_0
+        sig = tl.sigmoid(z)
+        dz = _conv_load(p_dout, t, stride_ds, S, m_c) * sig * (1 + z * (1 - sig))  # 0 past the end
+        if i >= 3:  # t < t0 + BT: the block's own steps
+            _conv_store(p_dx, t, CH, S, m_c, w3 * dz + w2 * dz1 + w1 * dz2 + w0 * dz3)
+            dw0 += x_3 * dz
+            dw1 += x_2 * dz
+            dw2 += x_1 * dz
+            dw3 += x_0 * dz
+        dz3, dz2, dz1 = dz2, dz1, dz
+        x_0, x_1, x_2 = x_1, x_2, x_3
+    p_dw = DW + (i_b * tl.num_programs(0) + i_t).to(tl.int64) * CH * 4 + c * 4  # this block's share, summed on the host
+    tl.store(p_dw, dw0, mask=m_c)
+    tl.store(p_dw + 1, dw1, mask=m_c)
+    tl.store(p_dw + 2, dw2, mask=m_c)
+    tl.store(p_dw + 3, dw3, mask=m_c)
+
+
+def _four_taps(weight):
+    """weight (Ch,ks), ks <= 4, as the kernels' (Ch,4) float32: zero taps in front reach back past the conv."""
+    return torch.nn.functional.pad(weight.float(), (CONV_TAPS - weight.shape[1], 0)).contiguous()
+
+
+def _conv_grid(x):
+    B, S, CH = x.shape
+    return triton.cdiv(S, CONV_TILE["BT"]), triton.cdiv(CH, CONV_TILE["BC"]), B
+
+
+@torch.library.custom_op("m2rnn::conv_forward", mutates_args=())
+def _conv_forward_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    out = _empty(*x.shape, device=x.device, dtype=x.dtype)
+    _conv_fwd_kernel[_conv_grid(x)](x, _four_taps(weight), out, *x.stride(), x.shape[1], x.shape[2], **CONV_TILE)
+    return out
+
+
+@_conv_forward_op.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("m2rnn::conv_backward", mutates_args=())
+def _conv_backward_op(x: torch.Tensor, weight: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = _conv_grid(x)
+    dx = _empty(*x.shape, device=x.device, dtype=x.dtype)
+    dw_blocks = _empty(grid[2] * grid[0], x.shape[2], CONV_TAPS, device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[grid](x, _four_taps(weight), dout, dx, dw_blocks, *x.stride(), *dout.stride(), x.shape[1],
+                           x.shape[2], **CONV_TILE)
+    return dx, dw_blocks
+
+
+@_conv_backward_op.register_fake
+def _(x, weight, dout):
+    blocks = x.shape[0] * triton.cdiv(x.shape[1], CONV_TILE["BT"])
+    return x.new_empty(x.shape), x.new_empty(blocks, x.shape[2], CONV_TAPS, dtype=torch.float32)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # x and weight: z is recomputed
+
+
+def _conv_backward(ctx, dout):
+    x, weight = ctx.saved_tensors
+    dx, dw_blocks = _conv_backward_op(x, weight, dout)
+    # the blocks' shares of dw summed here, outside the op, where torch.compile fuses the sum
+    return dx, dw_blocks.sum(dim=0)[:, CONV_TAPS - weight.shape[1]:].to(weight.dtype)
+
+
+_conv_forward_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+def causal_conv_silu(x, weight, impl="auto"):
+    """silu(causal depthwise conv of x): x (B,S,Ch), weight (Ch,ks); output t reads inputs t-ks+1 .. t (zeros
+    before the sequence). Returns (B,S,Ch) in x's dtype, computed in float32. impl as m2rnn's: "triton" (the
+    kernels above), "torch" (the reference), "auto" (Triton on CUDA tensors)."""
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(f"causal_conv_silu: expected x (B,S,Ch) and weight (Ch,ks), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if impl == "auto":  # float64 (the tests' references) stays with the reference: the kernels compute in float32
+        impl = "triton" if (x.is_cuda and HAVE_TRITON and x.dtype != torch.float64
+                            and weight.shape[1] <= CONV_TAPS) else "torch"
+    if impl == "torch" or x.shape[1] == 0:
+        return causal_conv_silu_reference(x, weight)
+    if impl != "triton":
+        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if not HAVE_TRITON or not (x.is_cuda or _interpreting()):
+        raise RuntimeError("the Triton conv needs the triton package and CUDA tensors (or TRITON_INTERPRET=1): "
+                           "use impl='torch'")
+    if weight.shape[1] > CONV_TAPS:
+        raise ValueError(f"the Triton conv takes up to {CONV_TAPS} taps, got {weight.shape[1]}: use impl='torch'")
+    return _conv_forward_op(x, weight)
+
+
+def causal_conv_silu_reference(x, weight):
+    """The same as a sum of ks shifted products, in float32 at least; autograd differentiates it."""
+    S, ks = x.shape[1], weight.shape[1]
+    padded = torch.nn.functional.pad(x, (0, 0, ks - 1, 0))  # (B,ks-1+S,Ch): zeros before the sequence
+    acc = torch.promote_types(x.dtype, torch.float32)
+    z = sum(padded[:, j:j + S].to(acc) * weight[:, j].to(acc) for j in range(ks))
+    return torch.nn.functional.silu(z).to(x.dtype)

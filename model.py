@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m2rnn_kernel import m2rnn, m2rnn_step
+from m2rnn_kernel import causal_conv_silu, m2rnn, m2rnn_step
 
 
 @dataclass
@@ -221,17 +221,16 @@ class CausalConv(nn.Conv1d):
 
     def forward(self, x, cache=None):
         """x (B,S,Ch) -> (B,S,Ch), output t from inputs t-ks+1..t. With a fresh cache, also store x's tail.
-        Written as a sum of ks shifted products (in float32), not as Conv1d's forward: torch.compile fuses it
-        with the SiLU into one pass over (B,S,Ch) memory, where cuDNN's depthwise conv on a transposed view
-        cost 0.26 ms more per layer's forward+backward at config/hybrid.py's shape (notes_throughput.md).
+        causal_conv_silu (m2rnn_kernel.py) computes it: on CUDA two memory-bound Triton kernels (one pass over
+        (B,S,Ch) forward, one backward), elsewhere the sum of ks shifted products that defines it. cuDNN's depthwise
+        conv on a transposed view cost 0.26 ms more per layer's forward+backward at config/hybrid.py's shape than
+        torch.compile's fusion of that sum, and the kernels ~0.2 ms less again (notes_throughput.md).
         The output is (B,S,Ch) in memory: the recurrence reads all channels of one step at a time."""
-        S, ks = x.shape[1], self.kernel_size[0]
-        padded = F.pad(x, (0, 0, ks - 1, 0))  # (B,ks-1+S,Ch): zeros before the sequence
+        ks = self.kernel_size[0]
         if cache is not None:
+            padded = F.pad(x, (0, 0, ks - 1, 0))  # zeros before the sequence, for prompts shorter than ks-1
             cache["conv"] = padded[:, padded.shape[1] - (ks - 1):].to(cache["conv"].dtype)  # (B,ks-1,Ch)
-        weight = self.weight[:, 0].float()  # (Ch,ks): tap j multiplies the input ks-1-j steps back
-        y = sum(padded[:, j:j + S].float() * weight[:, j] for j in range(ks))
-        return F.silu(y).to(x.dtype)
+        return causal_conv_silu(x, self.weight[:, 0])  # weight (Ch,ks): tap j reads ks-1-j steps back
 
     def init_cache(self, batch_size, device, dtype):
         """cache["conv"] before the first token: the zeros the causal padding puts there, (B,ks-1,Ch)."""

@@ -649,3 +649,75 @@ def test_custom_ops_pass_opcheck():
         y, h, ckpt = torch.ops.m2rnn.forward.default(*(x.detach() for x in leaves), 0.5, 2, True, store_states)
         torch.library.opcheck(torch.ops.m2rnn.backward.default, (q, k, v, W, f, ckpt, torch.randn_like(y),
                                                                  torch.randn_like(h), 0.5, 2, True, store_states))
+
+
+# -----------------------------------------------------------------------------
+# the causal conv + SiLU in front of the recurrence
+
+
+def conv_inputs(B, S, CH, ks, dtype, device=DEVICE, seed=0):
+    """x as the model passes it, a channel slice of a wider projection (strides (S·(CH+7), CH+7, 1)), and
+    weight (CH,ks); fresh random values."""
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(B, S, CH + 7, generator=g)
+    weight = 0.5 * torch.randn(CH, ks, generator=g)
+    return proj.to(device=device, dtype=dtype)[:, :, 3:3 + CH], weight.to(device)
+
+
+def conv_outputs(x, weight, impl, dtype=None, seed=1):
+    """causal_conv_silu(impl=...) on copies (cast to dtype if given): [out, dx, dweight], for an output gradient
+    drawn from seed."""
+    x = x.detach().to(dtype or x.dtype).requires_grad_()
+    weight = weight.detach().to(dtype or weight.dtype).requires_grad_()
+    out = m2rnn_kernel.causal_conv_silu(x, weight, impl=impl)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    return [out, *torch.autograd.grad(out, (x, weight), g)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("ks", [4, 2])
+def test_conv_kernel_matches_reference(ks, dtype, poisoned):
+    """Two blocks of steps (the second ragged), two of channels (the second ragged), a strided input; ks < 4 is
+    run as four taps, the oldest zero. Within float64's reference by the dtype's rounding (the interpreter's bf16
+    conversion truncates: up to 2^-8)."""
+    x, weight = conv_inputs(2, 45, 150, ks, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    outs = conv_outputs(x, weight, "triton")
+    refs = conv_outputs(x, weight, "torch", dtype=torch.float64)
+    for name, out, ref in zip(["out", "dx", "dweight"], outs, refs):
+        assert out.dtype == (weight.dtype if name == "dweight" else dtype), name
+        assert rel_err(out, ref) <= tol, f"{name}: relative error {rel_err(out, ref):.2e}"
+
+
+def test_conv_limits_give_clear_errors_or_the_reference():
+    x, weight = conv_inputs(1, 6, 8, 5, torch.float32, device="cpu")
+    ref = m2rnn_kernel.causal_conv_silu_reference(x, weight)
+    assert torch.equal(m2rnn_kernel.causal_conv_silu(x, weight), ref)  # auto on CPU tensors: the reference
+    with pytest.raises(ValueError, match="expected x"):
+        m2rnn_kernel.causal_conv_silu(x, weight.t())
+    with pytest.raises(ValueError, match="impl must be"):
+        m2rnn_kernel.causal_conv_silu(x, weight, impl="cuda")
+    if m2rnn_kernel.HAVE_TRITON:
+        with pytest.raises(ValueError, match="up to 4 taps"):
+            m2rnn_kernel.causal_conv_silu(x.to(DEVICE), weight.to(DEVICE), impl="triton")
+
+
+@needs_triton
+def test_conv_ops_pass_opcheck():
+    x, weight = conv_inputs(1, 37, 20, 4, torch.float32)
+    x, weight = x.requires_grad_(), weight.requires_grad_()
+    torch.library.opcheck(torch.ops.m2rnn.conv_forward.default, (x, weight))
+    torch.library.opcheck(torch.ops.m2rnn.conv_backward.default, (x.detach(), weight.detach(),
+                                                                  torch.randn(x.shape, device=DEVICE)))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_conv_at_the_hybrid_width(dtype, poisoned):
+    """config/hybrid.py's conv (1,152 channels, a slice of the 2,240-wide projection) over 1,024 steps."""
+    x, weight = conv_inputs(2, 1024, 1152, 4, dtype, seed=3)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for name, out, ref in zip(["out", "dx", "dweight"], conv_outputs(x, weight, "triton"),
+                              conv_outputs(x, weight, "torch", dtype=torch.float64)):
+        assert rel_err(out, ref) <= tol, f"{name}: relative error {rel_err(out, ref):.2e}"
