@@ -695,10 +695,25 @@ def _empty(*shape, device, dtype):
 
 
 def _output(shape, like, atomic):
-    """Added into by several programs: float32 zeros; else written once, in the input's dtype."""
+    """Added into by several programs: float32 zeros; else written once, in the input's dtype. The ops return
+    the float32 ones as they are, and their callers cast them to the input's dtype outside the op, where
+    torch.compile fuses the cast into the next kernel instead of running one of its own (notes_throughput.md)."""
     if atomic:
         return torch.zeros(shape, device=like.device, dtype=torch.float32)
     return _empty(*shape, device=like.device, dtype=like.dtype)
+
+
+def _summed_outputs(q, k, v, W, f, chunk):
+    """Which outputs several programs add into, by the launch rules (the ops' fake implementations need their
+    dtypes): y, where the forward splits the rows over programs; dq, dk, dv, df, where heads share the input
+    or (dv, df) the backward splits the rows."""
+    B, _, _, K = q.shape
+    H, heads = _heads(q, k, v, W, f)
+    BK, sms = _launch_config(K, q.dtype)["BK"], _sm_count(q)
+    forward_split = _forward_rows_per_program(B, H, K, BK, chunk, sms, q.dtype) < K
+    backward_split = _backward_rows_per_program(B, H, K, BK, sms) < K
+    return dict(y=forward_split, dq=heads["HQ"] < H, dk=heads["HK"] < H, dv=heads["HV"] < H or backward_split,
+                df=heads["HF"] < H or backward_split)
 
 
 # One-warp programs resident per SM at up to 255 registers a thread (64K registers / (256 · 32)). The kernels'
@@ -781,7 +796,7 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear, store_states=Fals
         TILE8=tiled, EVERY_STEP=store_states, KP=_stored_rows(K), **config,
         maxnreg=None if uncapped else _MAX_REGISTERS,
     )
-    return y.to(q.dtype), h_last, ckpt
+    return y, h_last, ckpt  # y in float32 where summed (_output)
 
 
 def _backward_rows_per_program(B, H, K, BK, sms):
@@ -840,7 +855,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     del scratch  # before the casts below allocate
     # dW: sum over batch and row blocks, then over the heads that share one W
     dW = dw.sum(dim=(0, 2)).view(heads["HW"], H // heads["HW"], V, V).sum(1)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dW.to(W.dtype), df.to(f.dtype), dh0
+    return dq, dk, dv, dW.to(W.dtype), df, dh0  # float32 where summed (_output)
 
 
 # -----------------------------------------------------------------------------
@@ -861,7 +876,8 @@ def _(q, k, v, W, f, h0, grad_clip, chunk, nonlinear, store_states):
     V = v.shape[-1]
     H, _ = _heads(q, k, v, W, f)
     saved = (S + 1, _stored_rows(K)) if store_states else ((S + chunk - 1) // chunk, K)
-    return (q.new_empty(B, S, H, V), q.new_empty(B, H, K, V, dtype=torch.float32),
+    y_dtype = torch.float32 if _summed_outputs(q, k, v, W, f, chunk)["y"] else q.dtype
+    return (q.new_empty(B, S, H, V, dtype=y_dtype), q.new_empty(B, H, K, V, dtype=torch.float32),
             q.new_empty(B, H, *saved, V, dtype=_state_copy_dtype(q.dtype)))
 
 
@@ -876,8 +892,10 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W: torch.Ten
 @_backward_op.register_fake
 def _(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, nonlinear, store_states):
     B, H = ckpt.shape[:2]  # gradients come back contiguous, whatever the inputs' strides
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), W.new_empty(W.shape),
-            f.new_empty(f.shape), q.new_empty(B, H, q.shape[-1], v.shape[-1], dtype=torch.float32))
+    summed = _summed_outputs(q, k, v, W, f, chunk)
+    grad = lambda x, name: x.new_empty(x.shape, dtype=torch.float32 if summed[name] else x.dtype)
+    return (grad(q, "dq"), grad(k, "dk"), grad(v, "dv"), W.new_empty(W.shape), grad(f, "df"),
+            q.new_empty(B, H, q.shape[-1], v.shape[-1], dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -897,7 +915,8 @@ def _backward(ctx, dy, dh_last, _dckpt):
         dy = q.new_zeros(ctx.y_shape)
     dq, dk, dv, dW, df, dh0 = _backward_op(q, k, v, W, f, ckpt, dy, dh_last, ctx.grad_clip, ctx.chunk,
                                            ctx.nonlinear, ctx.store_states)
-    return dq, dk, dv, dW, df, (dh0 if ctx.has_h0 else None), None, None, None, None
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dW, df.to(f.dtype), (dh0 if ctx.has_h0 else None),
+            None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -954,7 +973,7 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
         x is not None and x.requires_grad for x in (q, k, v, W, f, h0))
     y, h_last, _ = _forward_op(q, k, v, W, f, h0, None if grad_clip is None else float(grad_clip), int(chunk),
                                bool(nonlinear), bool(store_states))
-    return y, h_last
+    return y.to(q.dtype), h_last
 
 
 def _check_inputs(q, k, v, W, f, h0):

@@ -631,13 +631,14 @@ def test_gpu_compiled_hybrid_training_step_matches_eager():
 
 
 @needs_triton
-def test_custom_ops_pass_opcheck():
-    """torch.library.opcheck: schema, fake (shape and stride) implementations and autograd
-    registration agree with the real ops, on non-contiguous inputs as a model produces them:
-    slices of a projection, and a dense but permuted q as torch.compile may lay it out."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_custom_ops_pass_opcheck(dtype):
+    """torch.library.opcheck: schema, fake (shape, stride and dtype: float32 where summed, else the input's)
+    implementations and autograd registration agree with the real ops, on non-contiguous inputs as a model
+    produces them: slices of a projection, and a dense but permuted q as torch.compile may lay it out."""
     B, S, K, V, H = 1, 5, 16, 16, 2
-    proj = torch.randn(B, S, 2 * K + H * V, device=DEVICE) / math.sqrt(K)
-    q = (torch.randn(B, K, S, 1, device=DEVICE) / math.sqrt(K)).permute(0, 2, 3, 1)  # (B,S,1,K), stride 1 on S
+    proj = (torch.randn(B, S, 2 * K + H * V, device=DEVICE) / math.sqrt(K)).to(dtype)
+    q = (torch.randn(B, K, S, 1, device=DEVICE) / math.sqrt(K)).to(dtype).permute(0, 2, 3, 1)  # (B,S,1,K)
     k = proj[..., K:2 * K].view(B, S, 1, K)
     v = proj[..., 2 * K:].view(B, S, H, V)
     W = torch.eye(V, device=DEVICE).repeat(H, 1, 1)
