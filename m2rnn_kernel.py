@@ -38,6 +38,8 @@ The kernel, in reading order:
     backward is the reverse walk alone: faster, at ~B·S·H·K·V stored numbers.
   * the `torch.library` custom ops and their autograd, so torch.compile traces through.
   * `m2rnn(...)`, the public function, and `m2rnn_reference(...)`, a literal loop.
+  * last, the depthwise causal conv + SiLU that feeds q, k, v to the recurrence: `causal_conv_silu(...)`, two
+    memory-bound Triton kernels with their ops, and `causal_conv_silu_reference(...)`.
 """
 import os
 from typing import Optional
