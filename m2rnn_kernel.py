@@ -1142,7 +1142,8 @@ def _conv_bwd_kernel(X, W, DOUT, DX, DW, stride_xb, stride_xs, stride_xc, stride
             dw3 += x_0 * dz
         dz3, dz2, dz1 = dz2, dz1, dz
         x_0, x_1, x_2 = x_1, x_2, x_3
-    p_dw = DW + (i_b * tl.num_programs(0) + i_t).to(tl.int64) * CH * 4 + c * 4  # this block's share, summed on the host
+    # this block's share of dw; _conv_backward sums the blocks'
+    p_dw = DW + (i_b * tl.num_programs(0) + i_t).to(tl.int64) * CH * 4 + c * 4
     tl.store(p_dw, dw0, mask=m_c)
     tl.store(p_dw + 1, dw1, mask=m_c)
     tl.store(p_dw + 2, dw2, mask=m_c)
