@@ -209,7 +209,8 @@ def _to_private(b):
     each lane's values lie together, so a state goes to memory and back to the tensor cores' layout without
     moving between lanes. Stored in plain (BK,V) order, the backward's scratch went through shared memory both ways.
     For V = 16 only (the paper's, measured): other V keep the plain order (with V = 64 and bf16 inputs this
-    order gave NaN on the GPU, not on the interpreter; narrowed down, not understood: notes_kernel.md, v20)."""
+    order gave NaN on the GPU, when V = 64 ran in one warp: most likely the stale-memory read that _warps avoids,
+    which the plain order showed too; the private order was not tried again at V/32 warps: notes_kernel.md)."""
     BK: tl.constexpr = b.shape[0]
     V: tl.constexpr = b.shape[1]
     VEC: tl.constexpr = 128 // b.dtype.primitive_bitwidth
@@ -656,17 +657,26 @@ def _stored_rows(K):
     return triton.cdiv(K, _row_block(K)) * _row_block(K)
 
 
-def _launch_config(K, dtype):
+def _warps(V):
+    """Warps per program: one for V = 16 and 32 (one warp of 32 rows was the best accurate choice of the sweep in
+    notes_kernel.md, at V = 16), one per 32 columns of the state above. With bf16 inputs, warps that held 64 or
+    more columns (V = 64 in one warp, V = 128 in two) returned NaN or gradients 49% off in most calls once an earlier
+    launch had left NaN in the multiprocessor's memory (H200, Triton 3.6; a fresh process's first calls find
+    zeros there and pass): a read of on-chip memory before it is written, not located; with V/32 warps no call
+    did, in bf16 or fp32 (notes_kernel.md, 14th session)."""
+    return max(1, V // 32)
+
+
+def _launch_config(K, V, dtype):
     """Rows per program (BK), warps, tanh flavour, and the precisions of the matmuls on the
-    recurrence's chain and of dW's sum. One warp of 32 rows was the best accurate choice of the
-    sweep in notes_kernel.md. bf16 inputs take the approximations whose error their own rounding
+    recurrence's chain and of dW's sum. bf16 inputs take the approximations whose error their own rounding
     hides; fp32 inputs take exact arithmetic."""
-    BK = _row_block(K)
+    BK, num_warps = _row_block(K), _warps(V)
     if dtype == torch.float32:
-        return dict(BK=BK, num_warps=1, FAST_TANH=0, PRECISION="ieee")
+        return dict(BK=BK, num_warps=num_warps, FAST_TANH=0, PRECISION="ieee")
     if _interpreting():  # no inline PTX there, and its bf16 tl.dot is wrong
-        return dict(BK=BK, num_warps=1, FAST_TANH=0, PRECISION="bf16x3-emulated")
-    return dict(BK=BK, num_warps=1, FAST_TANH=1, PRECISION="bf16x3")
+        return dict(BK=BK, num_warps=num_warps, FAST_TANH=0, PRECISION="bf16x3-emulated")
+    return dict(BK=BK, num_warps=num_warps, FAST_TANH=1, PRECISION="bf16x3")
 
 
 def _dw_precision(precision):
@@ -711,7 +721,7 @@ def _summed_outputs(q, k, v, W, f, chunk):
     or (dv, df) the backward splits the rows."""
     B, _, _, K = q.shape
     H, heads = _heads(q, k, v, W, f)
-    BK, sms = _launch_config(K, q.dtype)["BK"], _sm_count(q)
+    BK, sms = _launch_config(K, v.shape[-1], q.dtype)["BK"], _sm_count(q)
     forward_split = _forward_rows_per_program(B, H, K, BK, chunk, sms, q.dtype) < K
     backward_split = _backward_rows_per_program(B, H, K, BK, sms) < K
     return dict(y=forward_split, dq=heads["HQ"] < H, dk=heads["HK"] < H, dv=heads["HV"] < H or backward_split,
@@ -720,7 +730,8 @@ def _summed_outputs(q, k, v, W, f, chunk):
 
 # One-warp programs resident per SM at up to 255 registers a thread (64K registers / (256 · 32)). The kernels'
 # register-hungry forms (the forward's 8-step tiles, ~200 against ~110; the interleaved backward, ~220) are used
-# only where the whole grid fits in that many, or under the cap below.
+# only where the whole grid fits in that many, or under the cap below. These rules were measured at V = 16 and count
+# one-warp programs; the V/32-warp programs of wider states (_warps) fit fewer per SM than they assume.
 _PROGRAMS_PER_SM_UNCAPPED = 8
 # Registers are split among an SM's 4 schedulers, 16K each, and a program (one warp) lives on one. At most
 # 168 a thread (5,376 a warp), 3 programs fit per scheduler: 12 per SM, more than the 10.2 that the 400M
@@ -776,7 +787,7 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear, store_states=Fals
     V = v.shape[-1]
     H, heads = _heads(q, k, v, W, f)
     NC = triton.cdiv(S, chunk)
-    config = _launch_config(K, q.dtype)
+    config = _launch_config(K, V, q.dtype)
     sms = _sm_count(q)
     BK = config["BK"] = _forward_rows_per_program(B, H, K, config["BK"], chunk, sms, q.dtype)
     NB = triton.cdiv(K, BK)
@@ -830,7 +841,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     if tuple(ckpt.shape) != saved:
         raise ValueError(f"m2rnn backward: the forward's saved states are {tuple(ckpt.shape)}, expected {saved} "
                          f"for store_states={store_states}, chunk={chunk}")
-    config = _launch_config(K, q.dtype)
+    config = _launch_config(K, V, q.dtype)
     sms = _sm_count(q)
     BK = config["BK"] = _backward_rows_per_program(B, H, K, config["BK"], sms)
     NB = triton.cdiv(K, BK)

@@ -545,6 +545,27 @@ def test_gpu_long_sequence_float64_reference(store_states):
 
 @gpu
 @pytest.mark.parametrize("store_states", [False, True], ids=["recompute", "stored"])
+@pytest.mark.parametrize("V,K,S", [(16, 64, 67), (32, 16, 3), (64, 16, 3), (64, 64, 67), (128, 16, 3)],
+                         ids=["V16", "V32", "V64", "V64-K64", "V128"])
+def test_gpu_kernel_after_a_launch_that_left_nan_behind(V, K, S, store_states):
+    """Each call follows a launch of the same kernels on NaN inputs over 600 programs, which leaves NaN in the
+    multiprocessors' on-chip memory: a kernel that reads any of it before writing it returns NaN or garbage. The
+    `poisoned` buffers cannot show that (only global memory is poisoned, and a fresh process's first launches find
+    zeros on chip). Seen with bf16 inputs when a warp held 64+ columns of the state (V=64 in one warp, V=128 in
+    two: NaN in 4-8 of 8 calls, or gradients 49% off), before _warps gave each warp 32 columns at most."""
+    inputs = make_inputs(1, S, K, V, (1, 1, 1, 1, 1), torch.bfloat16, h0=True, w_noise=0.1)
+    refs = run_impl(inputs, "torch", None, 2, dtype=torch.float64)
+    W = inputs[3]
+    nan = lambda *shape: torch.full(shape, float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    leftover = (nan(600, S, 1, K), nan(600, S, 1, K), nan(600, S, 1, V), W, torch.full((600, S, 1), 0.5, device=DEVICE))
+    for _ in range(3):
+        run_impl(leftover, "triton", None, 2, store_states=store_states)
+        outs = run_impl(inputs, "triton", None, 2, store_states=store_states)
+        assert_matches_reference(outs, refs, torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("store_states", [False, True], ids=["recompute", "stored"])
 @pytest.mark.parametrize("B,H", [(1, 84), (4, 84), (8, 84), (4, 132), (12, 84)],
                          ids=["B1", "B4", "B8", "B4-H132", "B12"])
 def test_gpu_launch_forms_float64_reference(B, H, store_states, poisoned, monkeypatch):
