@@ -984,6 +984,7 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
     # states are stored for a backward only: not in inference (no_grad, or no input that needs a gradient)
     store_states = store_states and torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, W, f, h0))
+    _check_32bit_offsets(q, k, v, W, f, chunk, store_states)
     y, h_last, _ = _forward_op(q, k, v, W, f, h0, None if grad_clip is None else float(grad_clip), int(chunk),
                                bool(nonlinear), bool(store_states))
     return y.to(q.dtype), h_last
@@ -1010,6 +1011,32 @@ def _check_inputs(q, k, v, W, f, h0):
         fail(f"h0 must be (B,H,K,V) = {(B, H, K, V)}")
     if not all(x.is_floating_point() for x in (q, k, v, W, f) + (() if h0 is None else (h0,))):
         fail(f"inputs must be floating point, got {[x.dtype for x in (q, k, v, W, f)]}")
+
+
+_MAX_OFFSET = 2**31 - 1  # the kernels compute offsets from a tensor's start in int32
+
+
+def _span(x):
+    """Elements from x's first to its last addressed one: what a kernel's offsets from x's data pointer reach."""
+    return 0 if x.numel() == 0 else 1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride()))
+
+
+def _check_32bit_offsets(q, k, v, W, f, chunk, store_states):
+    """The recurrence kernels address each tensor with int32 offsets: past 2^31 elements they would read and write
+    the wrong places, silently. Every tensor they touch, inputs and the buffers they fill, must span fewer."""
+    B, S, _, K = q.shape
+    V = v.shape[-1]
+    H, _ = _heads(q, k, v, W, f)
+    KP = triton.cdiv(K, 32) * 32  # rows padded to whole row blocks, at most
+    spans = dict(q=_span(q), k=_span(k), v=_span(v), f=_span(f), y=B * S * H * V, dq=B * S * q.shape[2] * K,
+                 dk=B * S * k.shape[2] * K, checkpoints=B * H * triton.cdiv(S, chunk) * K * V,
+                 scratch=B * H * 2 * chunk * KP * V)  # the backward's recomputed states, two chunks at most
+    if store_states:  # the states of one head (their offset from the head's first is an int32)
+        spans["states of one head"] = (S + 1) * KP * V
+    for name, n in spans.items():
+        if n > _MAX_OFFSET:
+            raise ValueError(f"m2rnn: the Triton kernel addresses its tensors with 32-bit offsets, and {name} spans "
+                             f"{n:,} elements (at most {_MAX_OFFSET:,}): run the batch in parts, or use impl='torch'")
 
 
 # -----------------------------------------------------------------------------
@@ -1220,9 +1247,11 @@ def causal_conv_silu(x, weight, impl="auto"):
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
         raise ValueError(f"causal_conv_silu: expected x (B,S,Ch) and weight (Ch,ks), got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
+    # within a sequence the kernels' offsets are int32 (the batch's are int64): x's and the output's must fit
+    offsets_fit = x.shape[0] == 0 or max(_span(x[0]), x.shape[1] * x.shape[2]) <= _MAX_OFFSET
     if impl == "auto":  # float64 (the tests' references) stays with the reference: the kernels compute in float32
         impl = "triton" if (x.is_cuda and HAVE_TRITON and x.dtype != torch.float64
-                            and weight.shape[1] <= CONV_TAPS) else "torch"
+                            and weight.shape[1] <= CONV_TAPS and offsets_fit) else "torch"
     if impl == "torch" or x.shape[1] == 0:
         return causal_conv_silu_reference(x, weight)
     if impl != "triton":
@@ -1232,6 +1261,9 @@ def causal_conv_silu(x, weight, impl="auto"):
                            "use impl='torch'")
     if weight.shape[1] > CONV_TAPS:
         raise ValueError(f"the Triton conv takes up to {CONV_TAPS} taps, got {weight.shape[1]}: use impl='torch'")
+    if not offsets_fit:
+        raise ValueError(f"the Triton conv addresses one sequence with 32-bit offsets, and x's {tuple(x.shape[1:])} "
+                         f"per sequence spans more than {_MAX_OFFSET:,} elements: use impl='torch'")
     return _conv_forward_op(x, weight)
 
 

@@ -183,6 +183,16 @@ def test_kernel_limits_give_clear_errors_or_the_reference():
     q, k, v, W, f, h0 = make_inputs(2, 0, 16, 16, (1, 1, 2, 2, 2), torch.float32, h0=True)
     y, h_last = m2rnn(q, k, v, W, f, h0, impl="triton")
     assert y.shape == (2, 0, 2, 16) and torch.equal(h_last, h0)
+    # the kernels' offsets are int32: y of 2^31 elements (8 heads through f) is an error, one step fewer is not
+    meta = lambda *shape: torch.empty(*shape, device="meta")
+    S = 2**24
+    with pytest.raises(ValueError, match="y spans 2,147,483,648 elements"):
+        m2rnn(meta(1, S, 1, 16), meta(1, S, 1, 16), meta(1, S, 1, 16), meta(1, 16, 16), meta(1, S, 8), impl="triton")
+    m2rnn_kernel._check_32bit_offsets(meta(1, S - 1, 1, 16), meta(1, S - 1, 1, 16), meta(1, S - 1, 1, 16),
+                                      meta(1, 16, 16), meta(1, S - 1, 8), chunk=64, store_states=False)
+    with pytest.raises(ValueError, match="q spans"):  # a strided view spans more than its elements
+        m2rnn_kernel._check_32bit_offsets(meta(1, 2**30, 1, 64)[:, ::2**4], meta(1, 2**26, 1, 64),
+                                          meta(1, 2**26, 1, 16), meta(1, 16, 16), meta(1, 2**26, 1), 64, False)
 
 
 WITHOUT_TRITON = """
@@ -723,6 +733,10 @@ def test_conv_limits_give_clear_errors_or_the_reference():
     if m2rnn_kernel.HAVE_TRITON:
         with pytest.raises(ValueError, match="up to 4 taps"):
             m2rnn_kernel.causal_conv_silu(x.to(DEVICE), weight.to(DEVICE), impl="triton")
+        # one sequence of 2^31 elements: past the kernels' int32 offsets (meta tensors: no memory)
+        with pytest.raises(ValueError, match="32-bit offsets"):
+            m2rnn_kernel.causal_conv_silu(torch.empty(2, 2**20, 2**11, device="meta"),
+                                          torch.empty(2**11, 4, device="meta"), impl="triton")
 
 
 @needs_triton
