@@ -533,12 +533,13 @@ def _m2rnn_bwd_kernel(
     HW: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, NB: tl.constexpr,
     C: tl.constexpr, HAS_DHT: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr,
     DW_PRECISION: tl.constexpr, RECOMPUTE_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NONLINEAR: tl.constexpr,
-    INTERLEAVED: tl.constexpr, STORED: tl.constexpr, KP: tl.constexpr,
+    INTERLEAVED: tl.constexpr, STORED: tl.constexpr, KP: tl.constexpr, Q_ATOMIC: tl.constexpr,
+    K_ATOMIC: tl.constexpr, V_ATOMIC: tl.constexpr, F_ATOMIC: tl.constexpr,
 ):
     """Reverse walk of spec §3 over the rows [i_k·BK, (i_k+1)·BK) of one (batch, head), chunk by chunk from the
     last: recompute the chunk's states from its checkpoint into a scratch, then walk them backward.
     dq, dk are per row, so they are added over the heads sharing q, k; dv, df sum over rows,
-    so they are added over row blocks too. dW is written per (batch, head, row block) and
+    so they are added over row blocks too (X_ATOMIC: _summed's answer). dW is written per (batch, head, row block) and
     summed on the host (deterministic, and small: B·H·NB·V·V numbers).
     INTERLEAVED (S a multiple of C; a scratch of two chunks, chunk c in half c % 2): chunk c is walked backward
     while chunk c − 1 is recomputed, a step of each per iteration: two independent chains for the warp."""
@@ -573,12 +574,6 @@ def _m2rnn_bwd_kernel(
     else:
         b_g = tl.zeros([BK, V], dtype=tl.float32)
     b_dw = tl.zeros([V, V], dtype=tl.float32)
-    # several programs add into the same element iff that tensor's heads are shared (dq, dk),
-    # or, for dv and df, which sum over rows, also when the rows are split over programs
-    Q_ATOMIC: tl.constexpr = HQ < H
-    K_ATOMIC: tl.constexpr = HK < H
-    V_ATOMIC: tl.constexpr = (HV < H) or (NB > 1)
-    F_ATOMIC: tl.constexpr = (HF < H) or (NB > 1)
 
     # what _backward_inputs reads a step's inputs from: pointers to step 0's q, k, v, f, dy; their strides over
     # steps (dy is contiguous: H·V); the mask of the rows
@@ -715,17 +710,24 @@ def _output(shape, like, atomic):
     return _empty(*shape, device=like.device, dtype=like.dtype)
 
 
+def _summed(H, heads, row_blocks):
+    """Which outputs several programs add into (atomically, in float32), for a launch whose programs split the rows
+    into row_blocks: y, dv and df, which sum over rows, where row_blocks > 1; dq, dk, dv, df where heads share the
+    input. The launches, the backward kernel's constexprs and the ops' fakes (_summed_outputs) all ask here."""
+    split = row_blocks > 1
+    return dict(y=split, dq=heads["HQ"] < H, dk=heads["HK"] < H, dv=heads["HV"] < H or split,
+                df=heads["HF"] < H or split)
+
+
 def _summed_outputs(q, k, v, W, f, chunk):
-    """Which outputs several programs add into, by the launch rules (the ops' fake implementations need their
-    dtypes): y, where the forward splits the rows over programs; dq, dk, dv, df, where heads share the input
-    or (dv, df) the backward splits the rows."""
+    """_summed for the row blocks the forward and the backward launches will pick: the ops' fake implementations
+    need the outputs' dtypes."""
     B, _, _, K = q.shape
     H, heads = _heads(q, k, v, W, f)
     BK, sms = _launch_config(K, v.shape[-1], q.dtype)["BK"], _sm_count(q)
-    forward_split = _forward_rows_per_program(B, H, K, BK, chunk, sms, q.dtype) < K
-    backward_split = _backward_rows_per_program(B, H, K, BK, sms) < K
-    return dict(y=forward_split, dq=heads["HQ"] < H, dk=heads["HK"] < H, dv=heads["HV"] < H or backward_split,
-                df=heads["HF"] < H or backward_split)
+    forward_blocks = triton.cdiv(K, _forward_rows_per_program(B, H, K, BK, chunk, sms, q.dtype))
+    backward_blocks = triton.cdiv(K, _backward_rows_per_program(B, H, K, BK, sms))
+    return {**_summed(H, heads, backward_blocks), "y": _summed(H, heads, forward_blocks)["y"]}
 
 
 # One-warp programs resident per SM at up to 255 registers a thread (64K registers / (256 · 32)). The kernels'
@@ -793,7 +795,8 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear, store_states=Fals
     NB = triton.cdiv(K, BK)
     tiled = _forward_tiled(B, H, NB, BK, chunk, sms, q.dtype)
     uncapped = not tiled or _all_resident(B * H * NB, _PROGRAMS_PER_SM_UNCAPPED, sms)
-    y = _output((B, S, H, V), q, atomic=NB > 1)
+    y_atomic = _summed(H, heads, NB)["y"]
+    y = _output((B, S, H, V), q, atomic=y_atomic)
     h_last = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
     ckpt = _empty(B, H, *((S + 1, _stored_rows(K)) if store_states else (NC, K)), V, device=q.device,
                   dtype=_state_copy_dtype(q.dtype))
@@ -805,7 +808,7 @@ def _m2rnn_forward_launch(q, k, v, W, f, h0, chunk, nonlinear, store_states=Fals
     _m2rnn_fwd_kernel[(B * H, NB)](
         q, k, v, W.float().contiguous(), f, h0, y, h_last, ckpt,
         *q.stride(), *k.stride(), *v.stride(), *f.stride(), S, NC,
-        H=H, **heads, K=K, V=V, C=chunk, HAS_H0=h0 is not h_last, Y_ATOMIC=NB > 1, NONLINEAR=nonlinear,
+        H=H, **heads, K=K, V=V, C=chunk, HAS_H0=h0 is not h_last, Y_ATOMIC=y_atomic, NONLINEAR=nonlinear,
         TILE8=tiled, EVERY_STEP=store_states, KP=_stored_rows(K), **config,
         maxnreg=None if uncapped else _MAX_REGISTERS,
     )
@@ -845,10 +848,9 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
     sms = _sm_count(q)
     BK = config["BK"] = _backward_rows_per_program(B, H, K, config["BK"], sms)
     NB = triton.cdiv(K, BK)
-    dq = _output(q.shape, q, atomic=heads["HQ"] < H)
-    dk = _output(k.shape, k, atomic=heads["HK"] < H)
-    dv = _output(v.shape, v, atomic=heads["HV"] < H or NB > 1)
-    df = _output(f.shape, f, atomic=heads["HF"] < H or NB > 1)
+    summed = _summed(H, heads, NB)
+    dq, dk = _output(q.shape, q, summed["dq"]), _output(k.shape, k, summed["dk"])
+    dv, df = _output(v.shape, v, summed["dv"]), _output(f.shape, f, summed["df"])
     dw = _empty(B, H, NB, V, V, device=q.device, dtype=torch.float32)
     dh0 = _empty(B, H, K, V, device=q.device, dtype=torch.float32)
     interleaved = not store_states and _backward_interleaved(B, H, NB, BK, S, chunk, sms, q.dtype)
@@ -863,6 +865,7 @@ def _m2rnn_backward_launch(q, k, v, W, f, ckpt, dy, dh_last, grad_clip, chunk, n
         H=H, **heads, K=K, V=V, NB=NB, C=chunk, HAS_DHT=dh_last is not None, CLIP=grad_clip is not None,
         DW_PRECISION=_dw_precision(config["PRECISION"]), RECOMPUTE_PRECISION=_recompute_precision(config["PRECISION"]),
         NONLINEAR=nonlinear, INTERLEAVED=interleaved, STORED=store_states, KP=_stored_rows(K), **config,
+        Q_ATOMIC=summed["dq"], K_ATOMIC=summed["dk"], V_ATOMIC=summed["dv"], F_ATOMIC=summed["df"],
         maxnreg=None if uncapped else _MAX_REGISTERS,
     )
     del scratch  # before the casts below allocate
