@@ -1032,10 +1032,11 @@ def _check_32bit_offsets(q, k, v, W, f, chunk, store_states):
     H, _ = _heads(q, k, v, W, f)
     KP = triton.cdiv(K, 32) * 32  # rows padded to whole row blocks, at most
     spans = dict(q=_span(q), k=_span(k), v=_span(v), f=_span(f), y=B * S * H * V, dq=B * S * q.shape[2] * K,
-                 dk=B * S * k.shape[2] * K, checkpoints=B * H * triton.cdiv(S, chunk) * K * V,
-                 scratch=B * H * 2 * chunk * KP * V)  # the backward's recomputed states, two chunks at most
+                 dk=B * S * k.shape[2] * K)
     if store_states:  # the states of one head (their offset from the head's first is an int32)
         spans["states of one head"] = (S + 1) * KP * V
+    else:  # the checkpoints, and the backward's recomputed states (two chunks at most)
+        spans.update(checkpoints=B * H * triton.cdiv(S, chunk) * K * V, scratch=B * H * 2 * chunk * KP * V)
     for name, n in spans.items():
         if n > _MAX_OFFSET:
             raise ValueError(f"m2rnn: the Triton kernel addresses its tensors with 32-bit offsets, and {name} spans "

@@ -190,6 +190,10 @@ def test_kernel_limits_give_clear_errors_or_the_reference():
         m2rnn(meta(1, S, 1, 16), meta(1, S, 1, 16), meta(1, S, 1, 16), meta(1, 16, 16), meta(1, S, 8), impl="triton")
     m2rnn_kernel._check_32bit_offsets(meta(1, S - 1, 1, 16), meta(1, S - 1, 1, 16), meta(1, S - 1, 1, 16),
                                       meta(1, 16, 16), meta(1, S - 1, 8), chunk=64, store_states=False)
+    one_head = (meta(1, 2**22, 1, 32), meta(1, 2**22, 1, 32), meta(1, 2**22, 1, 16), meta(1, 16, 16), meta(1, 2**22, 1))
+    m2rnn_kernel._check_32bit_offsets(*one_head, chunk=64, store_states=False)  # checkpoints every 64 steps fit
+    with pytest.raises(ValueError, match="states of one head spans"):  # every state of the head does not
+        m2rnn_kernel._check_32bit_offsets(*one_head, chunk=64, store_states=True)
     with pytest.raises(ValueError, match="q spans"):  # a strided view spans more than its elements
         m2rnn_kernel._check_32bit_offsets(meta(1, 2**30, 1, 64)[:, ::2**4], meta(1, 2**26, 1, 64),
                                           meta(1, 2**26, 1, 16), meta(1, 16, 16), meta(1, 2**26, 1), 64, False)
