@@ -61,7 +61,7 @@ baseline = ""  # bench.json of an earlier run (e.g. one GPU): adds the ratio of 
 # -----------------------------------------------------------------------------------------------------------
 BENCH = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, str, tuple)}
 OVERRIDABLE = [k for k in train.MODEL_KEYS if k not in ("layer_pattern", "pos_encoding")] + \
-              ["batch_size", "device", "dtype", "compile", "backend", "threads", "seed"]
+              ["batch_size", "device", "dtype", "compile", "backend", "ddp_bucket_cap_mb", "threads", "seed"]
 REPO = os.path.dirname(os.path.abspath(__file__))
 MODELS = {  # name: (config files, applied in order; layer pattern replacing theirs, or None)
     "gpt": (["config/gpt.py"], None),
@@ -141,7 +141,8 @@ def bench_train(name, cfg, args, s, device, autocast, use_compile, world):
     optimizer = raw.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], cfg["betas"], cfg["eps"],
                                          device.type)
     model = torch.compile(raw) if use_compile else raw
-    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                bucket_cap_mb=cfg["ddp_bucket_cap_mb"]) if world > 1 else model
     B, T = cfg["batch_size"], cfg["block_size"]
     x, y = torch.randint(s["vocab_size"], (2, B, T), device=device)  # (B,T) each: random tokens
 

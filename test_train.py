@@ -223,7 +223,8 @@ def test_ddp_two_processes_match_one(data_root, tmp_path):
     Equal up to float rounding (the gradient sums are added in another order)."""
     common = dict(max_iters=4, eval_interval=4, gradient_accumulation_steps=4)
     train.train(config(data_root, tmp_path / "one", **common))
-    args = [f"--{k}={v}" for k, v in config(data_root, tmp_path / "two", **common).items()]
+    # buckets of 1 MiB, not the default 25: the setting reaches DDP and changes only when sums are sent
+    args = [f"--{k}={v}" for k, v in config(data_root, tmp_path / "two", **common, ddp_bucket_cap_mb=1).items()]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "train.py", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)

@@ -95,6 +95,8 @@ device = "auto"  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'
 dtype = "auto"  # 'auto' (bfloat16 on a GPU that has it, else float16; float32 on cpu), 'float32', 'bfloat16', 'float16'
 compile = "auto"  # torch.compile the model: True, False, or 'auto' (True on cuda, False elsewhere)
 backend = "auto"  # DDP backend under torchrun: 'auto' (nccl on cuda, gloo on cpu), 'nccl', 'gloo'
+ddp_bucket_cap_mb = 25  # DDP's gradient buckets in MiB (PyTorch's default): each is all-reduced once its gradients
+#   are ready, beside the rest of the backward; larger buckets start later and overlap less
 threads = 0  # torch CPU threads (torch.set_num_threads); 0 = torch's default (one per core)
 seed = 1337  # seeds model init, data sampling and dropout
 # -----------------------------------------------------------------------------------------------------------
@@ -108,7 +110,8 @@ TRAINING_KEYS = ("dropout", "m2rnn_impl", "m2rnn_grad_clip", "m2rnn_store_states
 CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
            "backend": ("auto", "nccl", "gloo"), "compile": ("auto", True, False)}
 POSITIVE = (  # counts that must be at least 1
-    "batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval")
+    "batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+    "ddp_bucket_cap_mb")
 CKPT_KEYS = ("model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "tokens_seen", "rng")
 
 
@@ -501,7 +504,8 @@ def _train(cfg, device, rank, world, master):
     if use_compile:
         log("compiling the model (takes a minute)...")
         model = torch.compile(model)
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    bucket_cap_mb=cfg["ddp_bucket_cap_mb"]) if world > 1 else model
 
     # log.jsonl: appended to on resume, started anew otherwise
     os.makedirs(cfg["out_dir"], exist_ok=True)
