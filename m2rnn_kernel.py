@@ -19,7 +19,8 @@ shared by consecutive groups of heads (head h reads head h // (H // Hx)), as gro
 attention shares keys and values.
 
 The kernel, in reading order:
-  * forward: one program per (batch, head, row block). Rows of H are independent
+  * forward: one program per (batch, head, row block), one warp (V/32 for states wider than 32 columns:
+    _warps says why). Rows of H are independent
     (H W mixes columns only, k_t[i] scales row i), so a program owns BK rows and keeps them
     in registers for the whole sequence. Every C steps it writes the state to a checkpoint
     buffer (B,H,NC,K,V) with NC = ceil(S/C): that is all the backward needs. Where the whole grid
