@@ -976,19 +976,19 @@ def m2rnn(q, k, v, W, f, h0=None, grad_clip=None, impl="auto", chunk=DEFAULT_CHU
     if not HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the triton package (pip install triton; there is no wheel for "
                            "macOS): use impl='torch', the reference loop")
-    if not q.is_cuda and not _interpreting():
-        raise RuntimeError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 (set before "
-                           "importing triton) to run on the CPU; use impl='torch' for the reference")
     V = v.shape[-1]
     if V < 16 or V & (V - 1):  # a (BK,V) block and the tensor cores' V×V product
         raise ValueError(f"m2rnn: the Triton kernel needs V (the state's columns) a power of 2, at least 16; got "
                          f"V={V}: use impl='torch', the reference loop")
-    if q.shape[1] == 0:  # nothing to launch: no steps, the state stays h0
-        return m2rnn_reference(q, k, v, W, f, h0, grad_clip, nonlinear)
     # states are stored for a backward only: not in inference (no_grad, or no input that needs a gradient)
     store_states = store_states and torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, W, f, h0))
     _check_32bit_offsets(q, k, v, W, f, chunk, store_states)
+    if not q.is_cuda and not _interpreting():
+        raise RuntimeError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 (set before "
+                           "importing triton) to run on the CPU; use impl='torch' for the reference")
+    if q.shape[1] == 0:  # nothing to launch: no steps, the state stays h0
+        return m2rnn_reference(q, k, v, W, f, h0, grad_clip, nonlinear)
     y, h_last, _ = _forward_op(q, k, v, W, f, h0, None if grad_clip is None else float(grad_clip), int(chunk),
                                bool(nonlinear), bool(store_states))
     return y.to(q.dtype), h_last
@@ -1261,14 +1261,14 @@ def causal_conv_silu(x, weight, impl="auto"):
         return causal_conv_silu_reference(x, weight)
     if impl != "triton":
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
-    if not HAVE_TRITON or not (x.is_cuda or _interpreting()):
-        raise RuntimeError("the Triton conv needs the triton package and CUDA tensors (or TRITON_INTERPRET=1): "
-                           "use impl='torch'")
     if weight.shape[1] > CONV_TAPS:
         raise ValueError(f"the Triton conv takes up to {CONV_TAPS} taps, got {weight.shape[1]}: use impl='torch'")
     if not offsets_fit:
         raise ValueError(f"the Triton conv addresses one sequence with 32-bit offsets, and x's {tuple(x.shape[1:])} "
                          f"per sequence spans more than {_MAX_OFFSET:,} elements: use impl='torch'")
+    if not HAVE_TRITON or not (x.is_cuda or _interpreting()):
+        raise RuntimeError("the Triton conv needs the triton package and CUDA tensors (or TRITON_INTERPRET=1): "
+                           "use impl='torch'")
     return _conv_forward_op(x, weight)
 
 
