@@ -1031,7 +1031,7 @@ def _check_32bit_offsets(q, k, v, W, f, chunk, store_states):
     B, S, _, K = q.shape
     V = v.shape[-1]
     H, _ = _heads(q, k, v, W, f)
-    KP = triton.cdiv(K, 32) * 32  # rows padded to whole row blocks, at most
+    KP = _stored_rows(K)  # rows padded to whole row blocks (programs of half as many rows pad no further)
     spans = dict(q=_span(q), k=_span(k), v=_span(v), f=_span(f), y=B * S * H * V, dq=B * S * q.shape[2] * K,
                  dk=B * S * k.shape[2] * K)
     if store_states:  # the states of one head (their offset from the head's first is an int32)
@@ -1203,6 +1203,12 @@ def _conv_grid(x):
     return triton.cdiv(S, CONV_TILE["BT"]), triton.cdiv(CH, CONV_TILE["BC"]), B
 
 
+def _conv_dw_blocks_shape(x):
+    """The backward's shares of dw: one (Ch, 4) block per (batch, block of steps) of the grid."""
+    n_t, _, B = _conv_grid(x)
+    return B * n_t, x.shape[2], CONV_TAPS
+
+
 @torch.library.custom_op("m2rnn::conv_forward", mutates_args=())
 def _conv_forward_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = _empty(*x.shape, device=x.device, dtype=x.dtype)
@@ -1217,18 +1223,16 @@ def _(x, weight):
 
 @torch.library.custom_op("m2rnn::conv_backward", mutates_args=())
 def _conv_backward_op(x: torch.Tensor, weight: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    grid = _conv_grid(x)
     dx = _empty(*x.shape, device=x.device, dtype=x.dtype)
-    dw_blocks = _empty(grid[2] * grid[0], x.shape[2], CONV_TAPS, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[grid](x, _four_taps(weight), dout, dx, dw_blocks, *x.stride(), *dout.stride(), x.shape[1],
+    dw_blocks = _empty(*_conv_dw_blocks_shape(x), device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[_conv_grid(x)](x, _four_taps(weight), dout, dx, dw_blocks, *x.stride(), *dout.stride(), x.shape[1],
                            x.shape[2], **CONV_TILE)
     return dx, dw_blocks
 
 
 @_conv_backward_op.register_fake
 def _(x, weight, dout):
-    blocks = x.shape[0] * triton.cdiv(x.shape[1], CONV_TILE["BT"])
-    return x.new_empty(x.shape), x.new_empty(blocks, x.shape[2], CONV_TAPS, dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(_conv_dw_blocks_shape(x), dtype=torch.float32)
 
 
 def _conv_setup_context(ctx, inputs, output):
