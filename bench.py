@@ -39,7 +39,6 @@ from contextlib import nullcontext, redirect_stdout
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train
 from model import GPT, GPTConfig
@@ -141,8 +140,7 @@ def bench_train(name, cfg, args, s, device, autocast, use_compile, world):
     optimizer = raw.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], cfg["betas"], cfg["eps"],
                                          device.type)
     model = torch.compile(raw) if use_compile else raw
-    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                bucket_cap_mb=cfg["ddp_bucket_cap_mb"]) if world > 1 else model
+    model = train.wrap_ddp(model, cfg, device, world)
     B, T = cfg["batch_size"], cfg["block_size"]
     x, y = torch.randint(s["vocab_size"], (2, B, T), device=device)  # (B,T) each: random tokens
 

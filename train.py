@@ -406,6 +406,15 @@ def init_process_group(cfg, device):
     dist.init_process_group(backend=backend)
 
 
+def wrap_ddp(model, cfg, device, world):
+    """The model under DDP when torchrun started several processes (its gradient buckets of cfg's size), else
+    the model itself."""
+    if world > 1:
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                   bucket_cap_mb=cfg["ddp_bucket_cap_mb"])
+    return model
+
+
 def resolve_dtype(dtype, device):
     """dtype 'auto': bfloat16 on a GPU that has it, else float16; float32 on the CPU. Other names as given."""
     if dtype != "auto":
@@ -504,8 +513,7 @@ def _train(cfg, device, rank, world, master):
     if use_compile:
         log("compiling the model (takes a minute)...")
         model = torch.compile(model)
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    bucket_cap_mb=cfg["ddp_bucket_cap_mb"]) if world > 1 else model
+    ddp_model = wrap_ddp(model, cfg, device, world)
 
     # log.jsonl: appended to on resume, started anew otherwise
     os.makedirs(cfg["out_dir"], exist_ok=True)
