@@ -1118,18 +1118,22 @@ CONV_TILE = dict(BT=32, BC=128, num_warps=4)  # steps and channels of one progra
 
 
 @triton.jit
-def _conv_load(p, t, stride_s, S, m_c):
-    """x or dout at step(s) t of the program's channels (p and the channel mask m_c broadcast against t), as
-    float32; zeros outside 0 <= t < S."""
+def _conv_mask(t, S, m_c):
+    """The channel mask m_c where step(s) t lie in 0 <= t < S (t and m_c broadcast against each other)."""
     t_c = t + tl.zeros_like(m_c.to(tl.int32))  # a vector even for one step: a scalar mask fails in the interpreter
-    mask = m_c & (t_c >= 0) & (t_c < S)
-    return tl.load(p + t * stride_s, mask=mask, other=0.0).to(tl.float32)
+    return m_c & (t_c >= 0) & (t_c < S)
+
+
+@triton.jit
+def _conv_load(p, t, stride_s, S, m_c):
+    """x or dout at step(s) t of the program's channels (p broadcast against t), as float32; zeros outside the
+    sequence."""
+    return tl.load(p + t * stride_s, mask=_conv_mask(t, S, m_c), other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _conv_store(p, t, stride_s, S, m_c, value):
-    t_c = t + tl.zeros_like(m_c.to(tl.int32))
-    tl.store(p + t * stride_s, value, mask=m_c & (t_c < S))
+    tl.store(p + t * stride_s, value, mask=_conv_mask(t, S, m_c))
 
 
 @triton.jit
@@ -1223,6 +1227,8 @@ def _(x, weight):
 
 @torch.library.custom_op("m2rnn::conv_backward", mutates_args=())
 def _conv_backward_op(x: torch.Tensor, weight: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if dout.shape[0] and _span(dout[0]) > _MAX_OFFSET:  # strides past the 32-bit offsets: a dense copy fits, as x
+        dout = dout.contiguous()
     dx = _empty(*x.shape, device=x.device, dtype=x.dtype)
     dw_blocks = _empty(*_conv_dw_blocks_shape(x), device=x.device, dtype=torch.float32)
     _conv_bwd_kernel[_conv_grid(x)](x, _four_taps(weight), dout, dx, dw_blocks, *x.stride(), *dout.stride(), x.shape[1],
