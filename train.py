@@ -96,7 +96,7 @@ dtype = "auto"  # 'auto' (bfloat16 on a GPU that has it, else float16; float32 o
 compile = "auto"  # torch.compile the model: True, False, or 'auto' (True on cuda, False elsewhere)
 backend = "auto"  # DDP backend under torchrun: 'auto' (nccl on cuda, gloo on cpu), 'nccl', 'gloo'
 ddp_bucket_cap_mb = 25  # DDP's gradient buckets in MiB (PyTorch's default): each is all-reduced once its gradients
-#   are ready, beside the rest of the backward; larger buckets start later and overlap less
+#   are ready, beside the rest of the backward; larger buckets start later and overlap less (the M²RNN configs: 1000)
 threads = 0  # torch CPU threads (torch.set_num_threads); 0 = torch's default (one per core)
 seed = 1337  # seeds model init, data sampling and dropout
 # -----------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ betas = (0.9, 0.95)
 eps = 1e-10
 weight_decay = 0.1
 grad_clip = 1.0
+ddp_bucket_cap_mb = 25  # PyTorch's default: the all-reduce overlaps the backward (the M²RNN configs take one bucket)
 
 eval_interval = 1000
 eval_iters = 200
