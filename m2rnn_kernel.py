@@ -1231,8 +1231,8 @@ def _conv_backward_op(x: torch.Tensor, weight: torch.Tensor, dout: torch.Tensor)
         dout = dout.contiguous()
     dx = _empty(*x.shape, device=x.device, dtype=x.dtype)
     dw_blocks = _empty(*_conv_dw_blocks_shape(x), device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[_conv_grid(x)](x, _four_taps(weight), dout, dx, dw_blocks, *x.stride(), *dout.stride(), x.shape[1],
-                           x.shape[2], **CONV_TILE)
+    _conv_bwd_kernel[_conv_grid(x)](x, _four_taps(weight), dout, dx, dw_blocks, *x.stride(), *dout.stride(),
+                                    x.shape[1], x.shape[2], **CONV_TILE)
     return dx, dw_blocks
 
 
