@@ -62,14 +62,15 @@ BENCH = {k: v for k, v in globals().items() if not k.startswith("_") and type(v)
 OVERRIDABLE = [k for k in train.MODEL_KEYS if k not in ("layer_pattern", "pos_encoding")] + \
               ["batch_size", "device", "dtype", "compile", "backend", "ddp_bucket_cap_mb", "threads", "seed"]
 REPO = os.path.dirname(os.path.abspath(__file__))
-MODELS = {  # name: (config files, applied in order; layer pattern replacing theirs, or None)
-    "gpt": (["config/gpt.py"], None),
-    "hybrid": (["config/hybrid.py"], None),
-    "m2rnn": (["config/m2rnn.py"], None),
+MODELS = {  # name: (config files, applied in order; then settings replacing theirs, as --key=value)
+    "gpt": (["config/gpt.py"], []),
+    "hybrid": (["config/hybrid.py"], []),
+    "m2rnn": (["config/m2rnn.py"], []),
     # GPT with its first layer M²RNN (M²RNN sizes from hybrid.py, the rest from gpt.py). Its 11 attention layers
     # keep GPT's RoPE (gpt.py's pos_encoding; model.py's 'auto' would drop it as in the paper's hybrids), so its
-    # ratio to GPT is the cost of the one M²RNN layer alone.
-    "one_m": (["config/hybrid.py", "config/gpt.py"], "MAAAAAAAAAAA"),
+    # ratio to GPT is the cost of the one M²RNN layer alone. Under DDP it takes one gradient bucket, as the M²RNN
+    # configs do: with gpt.py's 25 MiB it scaled 1.69-1.86x on 2 GPUs, with one bucket 1.79-1.83x (notes_throughput.md)
+    "one_m": (["config/hybrid.py", "config/gpt.py"], ["--layer_pattern=MAAAAAAAAAAA", "--ddp_bucket_cap_mb=1000"]),
 }
 SetupError = train.SetupError
 
@@ -105,10 +106,9 @@ def parse_args(argv):
 
 
 def model_args(name, overrides, s):
-    """(train.py settings, GPTConfig arguments) of a model: config files, its pattern, then the overrides."""
-    files, pattern = MODELS[name]
-    cfg = train.parse_config([os.path.join(REPO, f) for f in files] +
-                             ([f"--layer_pattern={pattern}"] if pattern else []) + overrides)
+    """(train.py settings, GPTConfig arguments) of a model: config files, its own settings, then the overrides."""
+    files, settings = MODELS[name]
+    cfg = train.parse_config([os.path.join(REPO, f) for f in files] + settings + overrides)
     n = cfg["n_layer"]
     cfg["layer_pattern"] = (cfg["layer_pattern"] * n)[:n]
     args = {k: cfg[k] for k in train.MODEL_KEYS}

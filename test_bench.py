@@ -79,6 +79,8 @@ def test_models_from_the_configs_at_equal_size():
         cfg, args = bench.model_args(name, [], s)
         assert (args["layer_pattern"], args["pos_encoding"], args["block_size"]) == (pattern, pos, 1024)
         assert cfg["batch_size"] == 12 and args["vocab_size"] == 50257
+        # one gradient bucket under DDP wherever an M²RNN layer is (README, "Whole models")
+        assert cfg["ddp_bucket_cap_mb"] == (1000 if "M" in pattern else 25)
         with torch.device("meta"):  # full size, no memory
             counts[name] = GPT(GPTConfig(**args)).get_num_params()
     assert max(counts.values()) / min(counts.values()) < 1.02, counts
